@@ -1,0 +1,134 @@
+import os
+import pathlib
+import subprocess
+import sys
+
+import minari
+import numpy as np
+import pytest
+
+from common import datasets
+from common.datasets import (
+    D4RL_REF_SCORES,
+    DatasetError,
+    load_d4rl,
+    make_tiny_dataset,
+    normalized_score,
+)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_transitions_are_right_across_episode_boundaries(minari_env):
+    data = load_d4rl("hopper-medium-v2", verbose=False)
+    t = {k: np.asarray(v) for k, v in data.transitions.items()}
+    ids = data.episode_ids
+    raw = list(minari.MinariDataset(minari_env / "o2o/hopper/medium-v0/data").iterate_episodes())
+    assert len(raw) == data.info.num_episodes and len(ids) == sum(len(e.rewards) for e in raw)
+
+    same_episode = ids[1:] == ids[:-1]
+    # Inside an episode, s'_t is s_{t+1}; and no flag is set before the episode's last step.
+    np.testing.assert_array_equal(
+        t["next_observations"][:-1][same_episode], t["observations"][1:][same_episode]
+    )
+    ends = np.flatnonzero(np.append(~same_episode, True))
+    assert not t["terminals"][np.setdiff1d(np.arange(len(ids)), ends)].any()
+    assert not t["timeouts"][np.setdiff1d(np.arange(len(ids)), ends)].any()
+    for episode, end in zip(raw, ends, strict=True):
+        # At the last step s' is the episode's own final observation, not the next reset.
+        np.testing.assert_allclose(t["next_observations"][end], episode.observations[-1], rtol=1e-6)
+        length = len(episode.rewards)
+        assert t["terminals"][end] + t["timeouts"][end] == 1  # exactly one, never both
+        # Timeouts come only from the 30-step time limit (or the budget cut of the last episode).
+        if t["timeouts"][end]:
+            assert length == 30 or end == len(ids) - 1
+        elif length == 30:
+            assert t["terminals"][end] == 1  # fell on the very last allowed step
+    assert t["timeouts"].sum() >= 2 and t["terminals"].sum() >= 2  # both kinds occur
+
+
+def test_normalized_score_of_reference_returns_is_0_and_100(minari_env):
+    for env, (low, high) in D4RL_REF_SCORES.items():
+        assert normalized_score(env, low) == pytest.approx(0.0)
+        assert normalized_score(env, high) == pytest.approx(100.0)
+    dataset = minari.MinariDataset(minari_env / "o2o/hopper/medium-v0/data")
+    returns = np.array([-20.272305, 500.0, 3234.3])
+    np.testing.assert_allclose(
+        100 * minari.get_normalized_score(dataset, returns), normalized_score("hopper", returns)
+    )
+
+
+def test_unknown_name_is_a_one_line_error_listing_known_names():
+    proc = subprocess.run(
+        [sys.executable, "-m", "common.datasets", "info", "hopper-mediocre-v2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "hopper-mediocre-v2" in lines[0]
+    assert all(name in lines[0] for name in ("hopper-medium-v2", "walker2d-medium-replay-v2"))
+    with pytest.raises(DatasetError, match="known names"):
+        datasets.parse_name("humanoid-medium-v2")
+
+
+def test_missing_dataset_error_names_the_generate_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    with pytest.raises(DatasetError, match="make datasets ENV=walker2d"):
+        load_d4rl("walker2d-medium-replay-v2")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_official_dataset_takes_precedence_over_generated(minari_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    make_tiny_dataset(tmp_path, "hopper-expert-v2", num_steps=200, max_episode_steps=20)
+    assert datasets.resolve("hopper-expert-v2") == ("o2o/hopper/expert-v0", "generated")
+    official = tmp_path / "mujoco/hopper/expert-v0"
+    official.parent.mkdir(parents=True)
+    (tmp_path / "o2o/hopper/expert-v0").rename(official)
+    make_tiny_dataset(tmp_path, "hopper-expert-v2", num_steps=200, max_episode_steps=20)
+    assert datasets.resolve("hopper-expert-v2") == ("mujoco/hopper/expert-v0", "official")
+
+
+def test_interrupted_write_leaves_nothing_behind(tmp_path):
+    bad = [
+        {
+            "observations": np.zeros((3, 11)),
+            "actions": np.zeros((2, 3)),
+            "rewards": [0.0, 0.0],
+            "terminations": [False, False],
+            "truncations": [False, True],
+        },
+        {"observations": None},
+    ]  # malformed second episode: the write fails half-way
+    with pytest.raises(KeyError):  # raised after the storage files were created
+        datasets.write_minari_dataset("o2o/hopper/medium-v0", bad, "Hopper-v5", {}, root=tmp_path)
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+def test_observation_stats_normalise(minari_env):
+    data = load_d4rl("hopper-medium-v2", verbose=False)
+    mean, std = datasets.observation_stats(data.transitions["observations"])
+    normed = np.asarray(
+        datasets.normalize_observations(data.transitions["observations"], mean, std)
+    )
+    np.testing.assert_allclose(normed.mean(0), 0, atol=1e-4)
+    assert np.all(normed.std(0) <= 1.0 + 1e-4) and np.all(normed.std(0) > 0.5)
+    scale = datasets.return_range_reward_scale(data)
+    returns = data.episode_returns * scale
+    assert returns.max() - returns.min() == pytest.approx(1000.0)
+
+
+def test_info_cli_prints_which_dataset_was_used(minari_env):
+    proc = subprocess.run(
+        [sys.executable, "-m", "common.datasets", "info", "hopper-medium-v2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "o2o/hopper/medium-v0 [generated]: 2000 transitions" in proc.stdout

@@ -1,0 +1,127 @@
+"""Evaluation, logging, checkpoints and the import contract of `common`."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from common.buffers import PrioritizedBuffer
+from common.checkpoints import load_checkpoint, save_checkpoint
+from common.evaluation import evaluate
+from common.logger import Logger, make_run_dir, read_metrics
+from common.networks import DeterministicActor
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_evaluate_matches_a_manual_rollout():
+    actor = DeterministicActor(action_dim=3, hidden_dims=(16,))
+    params = actor.init(jax.random.PRNGKey(0), jnp.zeros((1, 11)))
+    act = jax.jit(lambda obs: actor.apply(params, obs))
+    result = evaluate("hopper", act, num_episodes=3, seed=10)
+    for i in range(3):  # the same episodes, one env at a time, unbatched
+        env = gym.make("Hopper-v5")
+        obs, _ = env.reset(seed=10 + i)
+        total, done, steps = 0.0, False, 0
+        while not done:
+            action = np.asarray(actor.apply(params, jnp.asarray(obs[None], jnp.float32)))[0]
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, steps, done = total + reward, steps + 1, terminated or truncated
+        assert result.returns[i] == pytest.approx(total, rel=1e-4)
+        assert result.lengths[i] == steps
+    np.testing.assert_allclose(
+        result.normalized, 100 * (result.returns + 20.272305) / (3234.3 + 20.272305)
+    )
+    assert evaluate("hopper", act, 3, seed=10).returns.tolist() == result.returns.tolist()
+
+
+def make_state(key):
+    params = {"w": jax.random.normal(key, (4, 3)), "b": jnp.zeros(3)}
+    opt_state = optax.adam(1e-3).init(params)
+    buffer = PrioritizedBuffer.create({"x": jnp.zeros(2)}, capacity=8)
+    return {"params": params, "opt": opt_state, "buffer": buffer, "step": jnp.int32(0), "key": key}
+
+
+def test_checkpoint_roundtrip_restores_everything(tmp_path):
+    state = make_state(jax.random.PRNGKey(1))
+    state["buffer"] = state["buffer"].add({"x": jnp.array([1.0, 2.0])}, jnp.float32(3.0))
+    state["step"] = jnp.int32(17)
+    save_checkpoint(tmp_path / "ckpt.npz", state, {"phase": "online", "env_steps": 1000})
+    restored, meta = load_checkpoint(tmp_path / "ckpt.npz", make_state(jax.random.PRNGKey(2)))
+    assert meta == {"phase": "online", "env_steps": 1000}
+    flat_a = jax.tree_util.tree_leaves_with_path(state)
+    flat_b = jax.tree_util.tree_leaves_with_path(restored)
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (path, a), (_, b) in zip(flat_a, flat_b, strict=True):
+        assert np.asarray(a).dtype == np.asarray(b).dtype, path
+        np.testing.assert_array_equal(a, b)
+    # The file is a plain npz: no pickled objects inside.
+    with np.load(tmp_path / "ckpt.npz", allow_pickle=False) as f:
+        assert all(f[k].dtype != object for k in f.files)
+
+
+def test_checkpoint_shape_mismatch_is_a_clear_error(tmp_path):
+    save_checkpoint(tmp_path / "c.npz", make_state(jax.random.PRNGKey(0)))
+    other = make_state(jax.random.PRNGKey(0))
+    other["params"]["w"] = jnp.zeros((5, 3))
+    with pytest.raises(ValueError, match=r"\['params'\]\['w'\] has shape"):
+        load_checkpoint(tmp_path / "c.npz", other)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, {"a": jnp.ones(3)}, {"v": 1})
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"a": jnp.zeros(3)}, {"v": 2})
+    assert path.read_bytes() == before  # the old checkpoint is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz"]  # no temp file left
+
+
+def test_logger_writes_config_jsonl_and_truncates_on_resume(tmp_path):
+    run_dir = make_run_dir("hopper-medium-v2", "test", 0, root=tmp_path)
+    assert run_dir.name.startswith("hopper-medium-v2__test__0__")
+    logger = Logger(run_dir, config={"lr": 3e-4, "env": "hopper"})
+    for step in (10, 20, 30):
+        logger.log(step, {"loss": jnp.float32(step / 10)}, prefix="offline/")
+    logger.close()
+    assert json.loads((run_dir / "config.json").read_text()) == {"lr": 3e-4, "env": "hopper"}
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
+    # A run resumed from its step-20 checkpoint forgets what it logged after step 20.
+    logger = Logger(run_dir, resume_step=20)
+    logger.log(30, {"loss": 9.0}, prefix="offline/")
+    logger.close()
+    rows = read_metrics(run_dir)
+    assert [(r["step"], r["offline/loss"]) for r in rows] == [(10, 1.0), (20, 2.0), (30, 9.0)]
+
+
+def test_importing_common_has_no_side_effects(tmp_path):
+    code = (
+        "import common, common.networks, common.buffers, common.datasets, common.evaluation, "
+        "common.logger, common.checkpoints"
+    )
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(REPO),
+        "MINARI_DATASETS_PATH": str(tmp_path / "minari"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # no files, no run dirs, no dataset root created
