@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint bench-buffers clean
+ENV ?= hopper
+
+.PHONY: install test test-slow lint datasets bench-buffers bench-datasets clean
 
 install: $(STAMP)
 
@@ -25,6 +27,15 @@ test-slow: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# The five D4RL-recipe datasets of one env from the committed behaviour policies, then verified.
+datasets: install
+	$(PY) benchmarks/make_datasets.py --env $(ENV)
+	for split in random medium medium-replay medium-expert expert; do \
+		$(PY) -m common.datasets verify $(ENV)-$$split-v2 || exit 1; done
+
+bench-datasets: install
+	$(PY) benchmarks/bench_datasets.py --env $(ENV) --out benchmarks/results/bench_datasets_$(ENV).json
 
 bench-buffers: install
 	$(PY) benchmarks/bench_buffers.py --out benchmarks/results/bench_buffers.json

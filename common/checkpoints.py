@@ -76,6 +76,6 @@ def load_checkpoint(path: str | pathlib.Path, target):
                 raise ValueError(
                     f"checkpoint {path}: {key} has shape {value.shape}, expected {expected.shape}"
                 )
-            value = jnp.asarray(value, dtype=expected.dtype)
+            value = jnp.asarray(value, dtype=jax.dtypes.canonicalize_dtype(expected.dtype))
             restored.append(jax.random.wrap_key_data(value) if is_key else value)
     return jax.tree_util.tree_unflatten(treedef, restored), metadata

@@ -12,7 +12,7 @@ timeouts. Minari stores T+1 observations per episode, so `next_observations` is 
 step, including the last one of a time-limit-truncated episode; such a step has `timeouts=1` and
 `terminals=0` (a truncation is never a termination, so the critic still bootstraps through it).
 
-CLI:  python -m common.datasets list | info NAME
+CLI:  python -m common.datasets list | info NAME | verify NAME
 """
 
 import argparse
@@ -56,6 +56,7 @@ TRANSITION_KEYS = (
     "terminals",
     "timeouts",
 )
+AUTO_GENERATE_STEPS = 1_000_000  # steps per rollout split when a dataset is generated on first use
 GENERATE_COMMAND = "make datasets ENV={env}  (or: python benchmarks/make_datasets.py --env {env})"
 
 
@@ -188,10 +189,40 @@ def read_episodes(path: pathlib.Path) -> tuple[dict, dict]:
     return arrays, dataset.storage.metadata
 
 
-def load_d4rl(name: str, allow_download: bool = True, verbose: bool = True) -> OfflineData:
-    """Load a dataset by D4RL name onto the default device. Prints which dataset was used."""
+def generate_on_first_use(name: str) -> tuple[str, str]:
+    """Build a missing dataset with the project's generator (benchmarks/make_datasets.py, from
+    the committed behaviour policies). Raises DatasetError where that is impossible."""
+    env, split = parse_name(name)
+    try:
+        from benchmarks import make_datasets
+    except ImportError as err:
+        raise DatasetError(
+            f"dataset {name!r} is missing and the generator is not importable ({err}); run "
+            f"{GENERATE_COMMAND.format(env=env)} from an o2o-jax checkout"
+        ) from None
+    if split != "random":  # the random split needs no behaviour policy
+        make_datasets.read_manifest(env)  # raises a clear error if the policies are missing
+    print(
+        f"[datasets] {name} is not on disk and not downloadable: generating it now with the D4RL "
+        f"recipe into {minari_root()} (a few minutes; --no-generate forbids this)"
+    )
+    make_datasets.generate(env, split, AUTO_GENERATE_STEPS, 20, 0, None, overwrite=False)
+    return resolve(name, allow_download=False)
+
+
+def load_d4rl(
+    name: str, allow_download: bool = True, allow_generate: bool = True, verbose: bool = True
+) -> OfflineData:
+    """Load a dataset by D4RL name onto the default device. Prints which dataset was used.
+    A dataset that is neither on disk nor downloadable is generated on first use unless
+    `allow_generate` is False."""
     env, _ = parse_name(name)
-    dataset_id, source = resolve(name, allow_download)
+    try:
+        dataset_id, source = resolve(name, allow_download)
+    except DatasetError:
+        if not allow_generate:
+            raise
+        dataset_id, source = generate_on_first_use(name)
     arrays, metadata = read_episodes(minari_root() / dataset_id)
     action_high = np.asarray(metadata["action_space"].high)
     if not np.allclose(np.abs(action_high), 1.0):
@@ -374,6 +405,85 @@ def make_tiny_dataset(
     return dataset_id
 
 
+# --- Verification ----------------------------------------------------------------------
+
+
+def verify_dataset(path: pathlib.Path, env: str) -> tuple[list[str], dict]:
+    """Check a Minari dataset folder: readable, shapes, finite values, action bounds, episode
+    boundaries, step counts and return statistics against its metadata.
+    Returns (problems, statistics); no problems means it passed."""
+    from minari import MinariDataset
+
+    problems: list[str] = []
+    try:
+        dataset = MinariDataset(path / "data")
+        metadata = dataset.storage.metadata
+        episodes = list(dataset.iterate_episodes())
+    except Exception as err:  # noqa: BLE001 - any read failure means a damaged dataset
+        return [f"cannot read {path}: {type(err).__name__}: {err}"], {}
+    obs_dim = dataset.observation_space.shape[0]
+    action_space = dataset.action_space
+    max_steps = gym.spec(GYM_ENV_IDS[env]).max_episode_steps
+    returns, complete = [], []
+    for i, ep in enumerate(episodes):
+        steps = len(ep.rewards)
+        where = f"episode {i}"
+        shapes = {
+            "observations": (np.shape(ep.observations), (steps + 1, obs_dim)),
+            "actions": (np.shape(ep.actions), (steps, *action_space.shape)),
+            "terminations": (np.shape(ep.terminations), (steps,)),
+            "truncations": (np.shape(ep.truncations), (steps,)),
+        }
+        bad = [f"{k} {got} != {want}" for k, (got, want) in shapes.items() if got != want]
+        if bad or steps == 0:
+            problems.append(f"{where}: bad shapes ({'; '.join(bad) or 'no steps'})")
+            continue
+        for key in ("observations", "actions", "rewards"):
+            if not np.all(np.isfinite(getattr(ep, key))):
+                problems.append(f"{where}: non-finite {key}")
+        if np.any(np.abs(ep.actions) > action_space.high + 1e-6):
+            problems.append(f"{where}: actions outside the action space")
+        ends = np.asarray(ep.terminations, bool) | np.asarray(ep.truncations, bool)
+        if ends[:-1].any():
+            problems.append(f"{where}: termination/truncation before the last step")
+        if not ends[-1]:
+            problems.append(f"{where}: last step is neither terminated nor truncated")
+        if steps > max_steps:
+            problems.append(f"{where}: {steps} steps exceed the time limit {max_steps}")
+        returns.append(float(np.sum(ep.rewards)))
+        complete.append(bool(ep.terminations[-1]) or steps == max_steps)
+    total_steps = sum(len(ep.rewards) for ep in episodes)
+    if metadata.get("total_steps") != total_steps:
+        problems.append(f"metadata total_steps {metadata.get('total_steps')} != {total_steps}")
+    if metadata.get("total_episodes") != len(episodes):
+        problems.append(
+            f"metadata total_episodes {metadata.get('total_episodes')} != {len(episodes)}"
+        )
+    returns_arr = np.asarray(returns)
+    ref = returns_arr[np.asarray(complete)] if any(complete) else returns_arr
+    stats = {
+        "episodes": len(episodes),
+        "steps": total_steps,
+        "return_mean": float(ref.mean()) if len(ref) else float("nan"),
+        "return_std": float(ref.std()) if len(ref) else float("nan"),
+        "return_min": float(returns_arr.min()) if len(returns_arr) else float("nan"),
+        "return_max": float(returns_arr.max()) if len(returns_arr) else float("nan"),
+    }
+    stats["normalized_mean"] = float(normalized_score(env, stats["return_mean"]))
+    recorded = metadata.get("behaviour_return")
+    if recorded is not None and not np.isclose(
+        recorded, stats["return_mean"], rtol=1e-3, atol=1e-3
+    ):
+        problems.append(
+            f"return mean {stats['return_mean']:.2f} != recorded behaviour_return {recorded:.2f}"
+        )
+    for key in ("ref_min_score", "ref_max_score"):
+        expected = D4RL_REF_SCORES[env][key == "ref_max_score"]
+        if key in metadata and not np.isclose(metadata[key], expected):
+            problems.append(f"metadata {key} {metadata[key]} != D4RL's {expected}")
+    return problems, stats
+
+
 # --- CLI ----------------------------------------------------------------------------------
 
 
@@ -384,6 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="load a dataset by name and describe it")
     info.add_argument("name")
     info.add_argument("--no-download", action="store_true", help="never contact the Minari hub")
+    info.add_argument("--no-generate", action="store_true", help="never generate a missing one")
+    check = sub.add_parser("verify", help="check a dataset's integrity; exit 1 if damaged")
+    check.add_argument(
+        "name", help="D4RL name (hopper-medium-v2) or Minari id (o2o/hopper/medium-v0)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "list":
@@ -394,7 +509,25 @@ def main(argv: list[str] | None = None) -> int:
                 except DatasetError:
                     print(f"{name:32s} (missing)")
         elif args.command == "info":
-            load_d4rl(args.name, allow_download=not args.no_download)
+            load_d4rl(
+                args.name,
+                allow_download=not args.no_download,
+                allow_generate=not args.no_generate,
+            )
+        elif args.command == "verify":
+            if "/" in args.name:
+                dataset_id, env = args.name, args.name.split("/")[1]
+            else:
+                env = parse_name(args.name)[0]
+                dataset_id = resolve(args.name, allow_download=False)[0]
+            problems, stats = verify_dataset(minari_root() / dataset_id, env)
+            print(f"{dataset_id}: " + ", ".join(f"{k}={v:.6g}" for k, v in stats.items()))
+            for problem in problems[:20]:
+                print(f"FAIL {problem}", file=sys.stderr)
+            if problems:
+                print(f"error: {dataset_id} is damaged ({len(problems)} problems)", file=sys.stderr)
+                return 1
+            print(f"OK {dataset_id}")
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

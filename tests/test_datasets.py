@@ -77,6 +77,12 @@ def test_unknown_name_is_a_one_line_error_listing_known_names():
 def test_missing_dataset_error_names_the_generate_command(tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     with pytest.raises(DatasetError, match="make datasets ENV=walker2d"):
+        load_d4rl("walker2d-medium-replay-v2", allow_generate=False)
+    # Generation allowed but impossible (no behaviour policy for this env): a clear error too.
+    from benchmarks import make_datasets
+
+    monkeypatch.setattr(make_datasets, "POLICY_DIR", tmp_path / "no-policies")
+    with pytest.raises(DatasetError, match="no behaviour policies for 'walker2d'"):
         load_d4rl("walker2d-medium-replay-v2")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 

@@ -1,0 +1,175 @@
+"""Export the behaviour policies of a finished `algorithms/sac.py` run into the repository.
+
+Writes `benchmarks/behaviour_policies/<env>/`:
+  medium.npz         the actor snapshot whose stochastic return is closest to the medium target
+  expert.npz         the final actor (SAC trained to completion)
+  medium_replay.npz  the run's replay buffer from step 0 up to the medium snapshot (insertion
+                     order, observations stored T+1 per episode), compressed
+  manifest.json      env, SAC step, returns over >= 10 episodes (deterministic and stochastic),
+                     seed, network sizes, file names
+
+Usage:
+    python benchmarks/export_behaviour.py --env hopper --run-dir RUN [--medium-target 1420]
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from common.checkpoints import atomic_write_bytes, atomic_write_text, load_checkpoint  # noqa: E402
+from common.datasets import GYM_ENV_IDS, normalized_score  # noqa: E402
+from common.evaluation import evaluate  # noqa: E402
+from common.networks import TanhGaussianPolicy, tanh_gaussian, tanh_gaussian_mode  # noqa: E402
+
+POLICY_DIR = REPO / "benchmarks" / "behaviour_policies"
+# D4RL's medium behaviour returns (-v2 datasets), the targets of the medium policy.
+MEDIUM_TARGETS = {"hopper": 1422.0, "halfcheetah": 4770.0, "walker2d": 2852.0, "ant": 3051.0}
+
+
+def load_actor(path: pathlib.Path, env: str, hidden_dims=(256, 256)):
+    spec_env = gym.make(GYM_ENV_IDS[env])
+    obs_dim, action_dim = spec_env.observation_space.shape[0], spec_env.action_space.shape[0]
+    actor = TanhGaussianPolicy(action_dim, hidden_dims)
+    template = {"params": actor.init(jax.random.PRNGKey(0), jnp.zeros((1, obs_dim)))}
+    state, meta = load_checkpoint(path, template)
+    return actor, state["params"], meta
+
+
+def policy_returns(env: str, actor, params, episodes: int, seed: int) -> dict:
+    deterministic = jax.jit(lambda o: tanh_gaussian_mode(actor.apply(params, o)[0]))
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 100_000))
+    stochastic_fn = jax.jit(lambda o, k: tanh_gaussian(*actor.apply(params, o)).sample(seed=k))
+    det = evaluate(env, deterministic, episodes, seed)
+    sto = evaluate(env, lambda o: stochastic_fn(o, next(keys)), episodes, seed + 1000)
+    return {
+        "deterministic_return": det.mean_return,
+        "deterministic_return_std": float(det.returns.std()),
+        "stochastic_return": sto.mean_return,
+        "stochastic_return_std": float(sto.returns.std()),
+        "stochastic_normalized": float(normalized_score(env, sto.mean_return)),
+        "eval_episodes": episodes,
+    }
+
+
+def buffer_arrays(checkpoint: pathlib.Path) -> dict[str, np.ndarray]:
+    """The replay buffer's arrays and size, read straight from a SAC checkpoint."""
+    with np.load(checkpoint, allow_pickle=False) as f:
+        out = {}
+        for key in f.files:
+            if ".buffer.data[" in key:
+                out[key.split("data['")[1].rstrip("']")] = f[key]
+            elif key.endswith(".buffer.size"):
+                out["size"] = int(f[key])
+    return out
+
+
+def replay_prefix_as_episodes(buffer: dict, steps: int) -> dict[str, np.ndarray]:
+    """First `steps` transitions as Minari-style episodes. An episode ends at a termination or
+    a time-out, or where s'_t != s_{t+1} (a resumed run restarted the env): marked truncated."""
+    obs, next_obs = buffer["observations"][:steps], buffer["next_observations"][:steps]
+    terminals = buffer["terminals"][:steps].astype(bool)
+    timeouts = buffer["timeouts"][:steps].astype(bool)
+    broken = np.zeros(steps, bool)
+    broken[:-1] = np.any(next_obs[:-1] != obs[1:], axis=1)
+    ends = terminals | timeouts | broken
+    ends[-1] = True
+    truncations = (timeouts | broken | (np.arange(steps) == steps - 1)) & ~terminals
+    lengths = np.diff(np.concatenate([[-1], np.flatnonzero(ends)]))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    observations = np.concatenate(
+        [
+            np.concatenate([obs[s : s + n], next_obs[s + n - 1 : s + n]])
+            for s, n in zip(starts, lengths, strict=True)
+        ]
+    )
+    return {
+        "observations": observations.astype(np.float32),
+        "actions": buffer["actions"][:steps].astype(np.float32),
+        "rewards": buffer["rewards"][:steps].astype(np.float32),
+        "terminations": terminals,
+        "truncations": truncations,
+        "episode_lengths": lengths.astype(np.int64),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", required=True, choices=sorted(GYM_ENV_IDS))
+    parser.add_argument("--run-dir", type=pathlib.Path, required=True)
+    parser.add_argument("--medium-target", type=float, help="default: D4RL's medium return")
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--candidates", type=int, default=6, help="snapshots evaluated")
+    parser.add_argument("--out", type=pathlib.Path, default=POLICY_DIR)
+    args = parser.parse_args(argv)
+    target = args.medium_target or MEDIUM_TARGETS[args.env]
+    config = json.loads((args.run_dir / "config.json").read_text())
+    hidden = tuple(config["hidden_dims"])
+
+    # Medium: among step snapshots, shortlist those whose logged deterministic return is
+    # nearest the target, then pick by measured stochastic return (the data are sampled).
+    snapshots = []
+    for path in sorted((args.run_dir / "actors").glob("step_*.npz")):
+        _, _, meta = load_actor(path, args.env, hidden)
+        if "eval/return" in meta:
+            snapshots.append((abs(meta["eval/return"] - target), meta["step"], path))
+    shortlist = sorted(snapshots)[: args.candidates]
+    measured = []
+    for _, step, path in shortlist:
+        actor, params, _ = load_actor(path, args.env, hidden)
+        stats = policy_returns(args.env, actor, params, args.episodes, seed=step)
+        print(f"candidate step {step}: {stats}")
+        measured.append((abs(stats["stochastic_return"] - target), step, path, stats))
+    _, medium_step, medium_path, medium_stats = min(measured, key=lambda m: m[:2])
+
+    actor, params, expert_meta = load_actor(args.run_dir / "actors" / "final.npz", args.env, hidden)
+    expert_stats = policy_returns(args.env, actor, params, args.episodes, seed=999)
+    out = args.out / args.env
+    out.mkdir(parents=True, exist_ok=True)
+    for name, src in (
+        ("medium.npz", medium_path),
+        ("expert.npz", args.run_dir / "actors" / "final.npz"),
+    ):
+        atomic_write_bytes(out / name, lambda f, src=src: f.write(src.read_bytes()))
+    replay = replay_prefix_as_episodes(buffer_arrays(args.run_dir / "checkpoint.npz"), medium_step)
+    atomic_write_bytes(out / "medium_replay.npz", lambda f: np.savez_compressed(f, **replay))
+    manifest = {
+        "env": GYM_ENV_IDS[args.env],
+        "trainer": "algorithms/sac.py",
+        "seed": config["seed"],
+        "sac_total_steps": config["total_steps"],
+        "policies": {
+            "medium": {
+                "file": "medium.npz",
+                "sac_step": medium_step,
+                "hidden_dims": list(hidden),
+                "target_return": target,
+                **medium_stats,
+            },
+            "expert": {
+                "file": "expert.npz",
+                "sac_step": expert_meta["step"],
+                "hidden_dims": list(hidden),
+                **expert_stats,
+            },
+        },
+        "medium_replay": {
+            "file": "medium_replay.npz",
+            "sac_steps": medium_step,
+            "transitions": int(replay["episode_lengths"].sum()),
+            "episodes": len(replay["episode_lengths"]),
+        },
+    }
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    print(json.dumps(manifest, indent=2))
+
+
+if __name__ == "__main__":
+    main()
