@@ -24,6 +24,9 @@ class ReplayBuffer:
     data: dict  # field -> [capacity, ...]
     ptr: jax.Array  # next slot to write, int32 scalar
     size: jax.Array  # number of filled slots, int32 scalar
+    # Slots [0, keep) hold data that is never overwritten (e.g. an offline dataset loaded with
+    # `from_data(..., keep=True)`); circular writes cycle through [keep, capacity).
+    keep: int = struct.field(pytree_node=False, default=0)
 
     @property
     def capacity(self) -> int:
@@ -38,40 +41,49 @@ class ReplayBuffer:
         return cls(data=data, ptr=jnp.int32(0), size=jnp.int32(0))
 
     @classmethod
-    def from_data(cls, data: dict, capacity: int | None = None) -> "ReplayBuffer":
-        """A buffer pre-filled with `data` (leading axis n <= capacity); the rest is empty."""
+    def from_data(
+        cls, data: dict, capacity: int | None = None, keep: bool = False
+    ) -> "ReplayBuffer":
+        """A buffer pre-filled with `data` (leading axis n <= capacity); the rest is empty.
+        With `keep`, later adds never overwrite these n items (they wrap within the rest)."""
         n = jax.tree_util.tree_leaves(data)[0].shape[0]
         capacity = n if capacity is None else capacity
-        if n > capacity:
+        if n > capacity or (keep and n == capacity):
             raise ValueError(f"{n} transitions do not fit a buffer of capacity {capacity}")
         padded = jax.tree_util.tree_map(
             lambda x: jnp.concatenate([x, jnp.zeros((capacity - n, *x.shape[1:]), x.dtype)]), data
         )
-        return cls(data=padded, ptr=jnp.int32(n % capacity), size=jnp.int32(n))
+        keep_n = n if keep else 0
+        ptr = n if keep else n % capacity
+        return cls(data=padded, ptr=jnp.int32(ptr), size=jnp.int32(n), keep=keep_n)
 
     def add(self, transition: dict) -> "ReplayBuffer":
         return self.add_batch(jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], transition))
 
     def add_batch(self, transitions: dict) -> "ReplayBuffer":
         """Write n transitions at the circular pointer; the oldest are overwritten on wrap-around.
-        If n exceeds the capacity only the newest `capacity` are kept."""
+        If n exceeds the writable capacity only the newest items are kept."""
         n = jax.tree_util.tree_leaves(transitions)[0].shape[0]
-        cap = self.capacity
-        if n > cap:
-            transitions = jax.tree_util.tree_map(lambda x: x[n - cap :], transitions)
-            buf = self.replace(ptr=(self.ptr + n - cap) % cap)
-            return buf.add_batch(transitions)
+        ring = self.capacity - self.keep
+        if n > ring:
+            transitions = jax.tree_util.tree_map(lambda x: x[n - ring :], transitions)
+            return self.replace(ptr=self._advance(n - ring)).add_batch(transitions)
         idx = self.write_indices(n)
         data = jax.tree_util.tree_map(
             lambda buf, x: buf.at[idx].set(x.astype(buf.dtype)), self.data, transitions
         )
         return self.replace(
-            data=data, ptr=(self.ptr + n) % cap, size=jnp.minimum(self.size + n, cap)
+            data=data, ptr=self._advance(n), size=jnp.minimum(self.size + n, self.capacity)
         )
+
+    def _advance(self, n) -> jax.Array:
+        ring = self.capacity - self.keep
+        return self.keep + (self.ptr - self.keep + n) % ring
 
     def write_indices(self, n: int) -> jax.Array:
         """The slots the next `n` added transitions will occupy."""
-        return (self.ptr + jnp.arange(n, dtype=jnp.int32)) % self.capacity
+        ring = self.capacity - self.keep
+        return self.keep + (self.ptr - self.keep + jnp.arange(n, dtype=jnp.int32)) % ring
 
     def sample(self, key: jax.Array, batch_size: int) -> tuple[dict, jax.Array]:
         """Uniform sample (with replacement) among filled slots. Returns (batch, indices)."""
@@ -129,9 +141,12 @@ class PrioritizedBuffer:
         return cls(storage=storage, tree=tree, max_priority=jnp.float32(default_priority))
 
     @classmethod
-    def from_data(cls, data: dict, capacity: int | None = None, priority: float = 1.0):
-        """Pre-filled with `data`, every item at `priority`; built in O(capacity)."""
-        storage = ReplayBuffer.from_data(data, capacity)
+    def from_data(
+        cls, data: dict, capacity: int | None = None, priority: float = 1.0, keep: bool = False
+    ):
+        """Pre-filled with `data`, every item at `priority`; built in O(capacity). With `keep`
+        these items are never overwritten (see ReplayBuffer.keep)."""
+        storage = ReplayBuffer.from_data(data, capacity, keep)
         leaves = jnp.zeros(_next_pow2(storage.capacity), jnp.float32)
         leaves = leaves.at[: int(storage.size)].set(priority)
         return cls(
@@ -155,8 +170,8 @@ class PrioritizedBuffer:
     def add_batch(self, transitions: dict, priorities: jax.Array | None = None):
         """Add n transitions, at `priorities` or else at the default (max-priority) value."""
         n = jax.tree_util.tree_leaves(transitions)[0].shape[0]
-        if n > self.capacity:
-            raise ValueError(f"cannot add {n} items at once to capacity {self.capacity}")
+        if n > self.capacity - self.storage.keep:
+            raise ValueError(f"cannot add {n} items at once to {self.capacity} slots")
         idx = self.storage.write_indices(n)
         if priorities is None:
             priorities = jnp.full((n,), self.max_priority)

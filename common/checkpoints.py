@@ -55,6 +55,12 @@ def save_checkpoint(path: str | pathlib.Path, state, metadata: dict | None = Non
     atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
 
 
+def read_checkpoint_metadata(path: str | pathlib.Path) -> dict:
+    """The JSON metadata of a checkpoint, without loading its arrays."""
+    with np.load(path, allow_pickle=False) as stored:
+        return json.loads(str(stored[_META_KEY]))
+
+
 def load_checkpoint(path: str | pathlib.Path, target):
     """Restore a checkpoint into the structure of `target` (a state built the same way, e.g. a
     freshly initialised one). Returns (state, metadata). Shapes and dtypes must match."""

@@ -121,3 +121,24 @@ def test_prioritized_buffer_inside_a_scan():
     )
     assert int(buf.size) == 8 and int(idx.max()) < 8
     assert tree_is_consistent(buf)
+
+
+def test_kept_prefix_is_never_overwritten():
+    """Offline data loaded with keep=True survives any number of online adds, which wrap
+    within the remaining slots; uniform sampling still covers both parts."""
+    offline = items(np.arange(100, 105))
+    for buf in (
+        ReplayBuffer.from_data(offline, capacity=8, keep=True),
+        PrioritizedBuffer.from_data(offline, capacity=8, keep=True).storage,
+    ):
+        buf = buf.add_batch(items(np.arange(7)))  # 7 online items into 3 online slots
+        x = np.asarray(buf.data["x"]).tolist()
+        assert x[:5] == [100, 101, 102, 103, 104] and sorted(x[5:]) == [4, 5, 6]
+        assert int(buf.size) == 8
+        buf = buf.add({"x": jnp.float32(7), "pair": jnp.zeros(2)})  # replaces the oldest, 4
+        x = np.asarray(buf.data["x"]).tolist()
+        assert x[:5] == [100, 101, 102, 103, 104] and sorted(x[5:]) == [5, 6, 7]
+    pb = PrioritizedBuffer.from_data(offline, capacity=8, priority=1.0, keep=True)
+    pb = pb.add_batch(items(np.arange(3)), jnp.full(3, 3.0))
+    np.testing.assert_allclose(pb.priorities, [1, 1, 1, 1, 1, 3, 3, 3])
+    assert tree_is_consistent(pb)

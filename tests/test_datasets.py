@@ -138,3 +138,25 @@ def test_info_cli_prints_which_dataset_was_used(minari_env):
     )
     assert proc.returncode == 0, proc.stderr
     assert "o2o/hopper/medium-v0 [generated]: 2000 transitions" in proc.stdout
+
+
+def test_flat_cache_is_used_and_invalidated(tmp_path, monkeypatch):
+    import h5py
+
+    make_tiny_dataset(tmp_path, "hopper-medium-v2", num_steps=300, max_episode_steps=50)
+    path = tmp_path / "o2o/hopper/medium-v0"
+    first, _ = datasets.read_episodes(path)
+    assert (path / "o2o_flat_cache.npz").exists()
+
+    def no_reading(self, *args, **kwargs):
+        raise AssertionError("episodes were re-read despite a valid cache")
+
+    monkeypatch.setattr(minari.MinariDataset, "iterate_episodes", no_reading)
+    cached, _ = datasets.read_episodes(path)
+    for key in first:
+        np.testing.assert_array_equal(first[key], cached[key])
+    with h5py.File(path / "data/main_data.hdf5", "a") as f:  # the dataset changes on disk
+        f["episode_0/rewards"][0] = 123.0
+    monkeypatch.undo()
+    changed, _ = datasets.read_episodes(path)
+    assert changed["rewards"][0] == 123.0

@@ -1,0 +1,797 @@
+"""Offline-to-online RL via balanced replay and a pessimistic Q-ensemble.
+
+Lee, Seo, Lee, Abbeel, Shin. "Offline-to-Online Reinforcement Learning via Balanced Replay and
+Pessimistic Q-Ensemble", CoRL 2021 (equation numbers below are the paper's).
+
+Offline: N CQL agents (SAC actor + twin critics each), trained together as one program with
+`vmap` over the member axis, each on its own minibatches, with the CQL(H) regulariser of Eq. (3)
+(importance-sampled log-sum-exp over uniform and policy actions, as in the CQL authors' code),
+a BC warm start of the policy, and a deterministic backup.
+Online: the ensemble agent of Eq. (5): a Gaussian with the mixture's mean and variance in pre-tanh
+space (exploration samples it; evaluation uses tanh of its mean) and the mean-of-members critic
+for the actor loss; SAC updates (Eq. 1-2) without the CQL term, auto-tuned temperature reset to 1.
+Balanced replay (Sec. 4.1): one on-device prioritized buffer holds the offline data (priority 1)
+and the online samples; a density-ratio network w(s,a) ~ d_on/d_off is trained with the JS lower
+bound of Eq. (4) on offline vs online batches; after every RL update the sampled transitions get
+priority w^(1/T) self-normalised over a uniform offline batch (Eq. 6), clamped to [1e-3, 1e3].
+New online samples enter at priority M f / ((1 - f) 1000) (M offline transitions, f the initial
+online fraction), so the first 1000 online samples make up about f of a batch; the default only
+grows (it tracks the largest priority seen).
+Schedule (authors' code): each epoch evaluates, collects 1000 env steps, then runs 1000 updates
+(the first epoch x `first_epoch_multiplier`).
+
+Deviations and choices:
+- The paper's appendix says the first epoch runs 5x updates, the authors' code defaults to 10x:
+  `--first-epoch-multiplier` defaults to 10 (the code).
+- The authors' code skips D4RL time-out transitions when loading the buffer, because D4RL's
+  `next_observations` are wrong there. Minari datasets store exact next observations, so they are
+  kept (as non-terminal transitions).
+- `--online-cql` keeps the CQL term online (Appendix E) with the fixed weight --cql-weight (no
+  Lagrange tuning online).
+- The FQE initialisation of Sec. 3 (`--init fqe`) is not implemented.
+- The offline and online updates are implemented with one optimizer state over the stacked member
+  parameters; Adam is elementwise, so this equals one Adam per member.
+
+Usage:
+    python algorithms/off2on_balanced.py --env hopper-medium-v2
+    python algorithms/off2on_balanced.py --env hopper-medium-v2 --offline-checkpoint RUN/offline.npz
+    python algorithms/off2on_balanced.py --env walker2d-random-v2 --replay online-only
+"""
+
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax import struct
+from flax.training.train_state import TrainState
+from tqdm import tqdm
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from common.buffers import PrioritizedBuffer  # noqa: E402
+from common.checkpoints import (  # noqa: E402
+    atomic_write_text,
+    load_checkpoint,
+    read_checkpoint_metadata,
+    save_checkpoint,
+)
+from common.datasets import TRANSITION_KEYS, DatasetError, load_d4rl  # noqa: E402
+from common.envs import OnlineEnv  # noqa: E402
+from common.evaluation import evaluate  # noqa: E402
+from common.logger import Logger, make_run_dir  # noqa: E402
+from common.networks import Critic, TanhGaussianPolicy, tanh_gaussian  # noqa: E402
+
+
+@dataclasses.dataclass
+class Args:
+    env: str = "hopper-medium-v2"
+    """D4RL dataset name; the online phase runs its gymnasium v5 environment"""
+    seed: int = 0
+    """seed of everything (parameters, sampling, environments)"""
+    ensemble_size: int = 5
+    """N, the number of CQL agents (paper: 5; ablation 1, 2, 5)"""
+    hidden_dims: tuple[int, ...] = (256, 256)
+    """hidden layers of every policy and critic"""
+    batch_size: int = 256
+    gamma: float = 0.99
+    tau: float = 5e-3
+    """Polyak rate of the target critics, every update"""
+
+    # --- offline CQL (the CQL authors' defaults) ---
+    offline_steps: int = 1_000_000
+    """offline gradient steps per member (CQL: 1000 epochs x 1000)"""
+    offline_checkpoint: str | None = None
+    """path of a saved offline ensemble (`offline.npz`): skip pretraining"""
+    offline_policy_lr: float = 1e-4
+    offline_q_lr: float = 3e-4
+    cql_weight: float = 5.0
+    """alpha' of Eq. (3) (CQL's min_q_weight; the CQL authors use 1.0 with --cql-lagrange)"""
+    cql_lagrange: bool = False
+    """scale the CQL term by a dual variable tuned to keep weight * gap at --cql-target-gap"""
+    cql_target_gap: float = 5.0
+    """the Lagrange threshold (CQL's target_action_gap)"""
+    cql_n_actions: int = 10
+    """actions sampled per state for each of the uniform / pi(s) / pi(s') terms of Eq. (3)"""
+    cql_temperature: float = 1.0
+    bc_steps: int = 40_000
+    """offline steps of behaviour cloning for the policy before the SAC policy loss"""
+    deterministic_backup: bool = True
+    """offline target without the entropy term (CQL's default for MuJoCo)"""
+    offline_eval_every: int = 50_000
+    """offline steps between evaluations"""
+    log_every: int = 1_000
+    """offline steps compiled into one call and logged together"""
+
+    # --- online fine-tuning (the authors' code) ---
+    online_steps: int = 250_000
+    """environment steps of fine-tuning"""
+    steps_per_epoch: int = 1_000
+    """env steps collected per epoch; the epoch then runs as many updates"""
+    first_epoch_multiplier: int = 10
+    """the first epoch runs this many times more updates (paper appendix: 5; code: 10)"""
+    policy_lr: float = 3e-4
+    q_lr: float = 3e-4
+    alpha_lr: float = 3e-4
+    online_buffer_size: int = 250_000
+    """online slots of the replay buffer (the offline data are kept besides)"""
+    replay: Literal["balanced", "uniform", "online-only"] = "balanced"
+    """balanced: density-ratio priorities; uniform: one buffer, uniform; online-only: online data"""
+    temperature: float = 5.0
+    """T of Eq. (6): priorities are w^(1/T)"""
+    initial_online_fraction: float = 0.5
+    """f: the online share of a batch right after the first epoch's samples enter"""
+    dr_lr: float = 3e-4
+    """learning rate of the density-ratio network"""
+    dr_batch_size: int = 256
+    """offline and online batch size of each density-ratio step"""
+    online_cql: bool = False
+    """keep the CQL regulariser during fine-tuning (Appendix E ablation)"""
+    eval_episodes: int = 5
+    """deterministic evaluation episodes (authors: 5 per epoch)"""
+    auroc_samples: int = 1_000
+    """recent online (s, a) pairs used for the Q-ensemble AUROC diagnostic (Fig. 4b)"""
+    checkpoint_every: int = 10_000
+    """steps (offline gradient steps, online env steps) between full checkpoints"""
+
+    run_dir: str | None = None
+    """run directory (default runs/<env>__off2on_balanced__<seed>__<time>)"""
+    resume: bool = False
+    """continue the run in --run-dir from its checkpoint"""
+    no_generate: bool = False
+    """fail instead of generating a missing dataset"""
+    stop_after: int | None = None
+    """exit (as if interrupted) after the checkpoint at this global step; for testing --resume"""
+
+
+# ================================================================================================
+# Networks
+# ================================================================================================
+
+
+class DensityRatio(nn.Module):
+    """w(s, a) >= 0: MLP, last bias initialised to 1, ReLU output (authors' code)."""
+
+    hidden_dims: tuple[int, ...] = (256, 256)
+
+    @nn.compact
+    def __call__(self, obs, action):
+        x = jnp.concatenate([obs, action], -1)
+        for width in self.hidden_dims:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.relu(nn.Dense(1, bias_init=nn.initializers.ones)(x)).squeeze(-1)
+
+
+def twin_q(critic: Critic, params, obs, actions):
+    """Both critics of one member: params [2, ...], inputs [..., d] -> [2, ...]."""
+    return jax.vmap(critic.apply, in_axes=(0, None, None))(params, obs, actions)
+
+
+# ================================================================================================
+# Offline: an ensemble of CQL agents (Eq. 3), vmapped over the member axis
+# ================================================================================================
+
+
+@struct.dataclass
+class CQLMember:
+    actor: TrainState
+    critic: TrainState  # twin critics: leading axis 2
+    critic_target: dict
+    log_alpha: TrainState
+    log_alpha_prime: TrainState
+
+
+def cql_regularizer(q_data, q_rand, q_curr, q_next, logp_curr, logp_next, action_dim, temperature):
+    """Eq. (3)'s  E_s[log sum_a exp Q(s,a) - E_{a~data} Q(s,a)],  with the log-sum-exp estimated
+    by importance sampling as in the CQL authors' code (CQL(H)): uniform actions (density
+    0.5^|A| on [-1,1]^|A|), actions of pi(.|s) and of pi(.|s') evaluated at s.
+    q_data [2, B]; q_rand, q_curr, q_next [2, n, B]; logp_* [n, B]. Returns [2] (per critic)."""
+    log_uniform_density = action_dim * math.log(0.5)
+    stacked = jnp.concatenate(
+        [q_rand - log_uniform_density, q_next - logp_next[None], q_curr - logp_curr[None]], axis=1
+    )  # [2, 3n, B]
+    logsumexp = temperature * jax.nn.logsumexp(stacked / temperature, axis=1)  # [2, B]
+    return logsumexp.mean(-1) - q_data.mean(-1)
+
+
+def make_cql_update(args: Args, actor: TanhGaussianPolicy, critic: Critic, action_dim: int):
+    target_entropy = -float(action_dim)
+    n = args.cql_n_actions
+
+    def member_update(member: CQLMember, batch: dict, key, step):
+        k_pi, k_next, k_rand, k_curr, k_cnext = jax.random.split(key, 5)
+        obs, actions, next_obs = batch["observations"], batch["actions"], batch["next_observations"]
+        alpha = jnp.exp(member.log_alpha.params["v"])
+
+        # Policy: behaviour cloning for the first bc_steps, then the SAC loss (Eq. 2).
+        def actor_loss_fn(params):
+            dist = tanh_gaussian(*actor.apply(params, obs))
+            new_actions, logp = dist.sample_and_log_prob(seed=k_pi)
+            q_new = twin_q(critic, member.critic.params, obs, new_actions).min(0)
+            bc_logp = dist.log_prob(jnp.clip(actions, -1 + 1e-6, 1 - 1e-6))
+            loss = jnp.where(step < args.bc_steps, alpha * logp - bc_logp, alpha * logp - q_new)
+            return loss.mean(), logp
+
+        (actor_loss, logp), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(
+            member.actor.params
+        )
+        new_actor = member.actor.apply_gradients(grads=grads)
+        alpha_grads = jax.grad(
+            lambda p: -(p["v"] * jax.lax.stop_gradient(logp + target_entropy)).mean()
+        )(member.log_alpha.params)
+        log_alpha = member.log_alpha.apply_gradients(grads=alpha_grads)
+
+        # Critic: Bellman error with a (deterministic) backup, plus the CQL term of Eq. (3).
+        dist_s = tanh_gaussian(*actor.apply(member.actor.params, obs))
+        dist_next = tanh_gaussian(*actor.apply(member.actor.params, next_obs))
+        next_actions, next_logp = dist_next.sample_and_log_prob(seed=k_next)
+        next_q = twin_q(critic, member.critic_target, next_obs, next_actions).min(0)
+        if not args.deterministic_backup:
+            next_q = next_q - alpha * next_logp
+        target = jax.lax.stop_gradient(
+            batch["rewards"] + args.gamma * (1 - batch["terminals"]) * next_q
+        )
+        rand_actions = jax.random.uniform(k_rand, (n, *actions.shape), minval=-1, maxval=1)
+        curr_actions, logp_curr = dist_s.sample_and_log_prob(seed=k_curr, sample_shape=(n,))
+        cnext_actions, logp_next = dist_next.sample_and_log_prob(seed=k_cnext, sample_shape=(n,))
+        # One critic call over all 3n+1 action sets: [3n+1, B, A] actions at the batch states.
+        all_actions = jax.lax.stop_gradient(
+            jnp.concatenate([actions[None], rand_actions, curr_actions, cnext_actions])
+        )
+        all_obs = jnp.broadcast_to(obs, (3 * n + 1, *obs.shape))
+        alpha_prime = jnp.clip(jnp.exp(member.log_alpha_prime.params["v"]), 0.0, 1e6)
+
+        def critic_loss_fn(params):
+            q_all = twin_q(critic, params, all_obs, all_actions)  # [2, 3n+1, B]
+            q_data = q_all[:, 0]
+            bellman = ((q_data - target[None]) ** 2).mean(-1).sum()
+            gap = cql_regularizer(
+                q_data,
+                q_all[:, 1 : n + 1],
+                q_all[:, n + 1 : 2 * n + 1],
+                q_all[:, 2 * n + 1 :],
+                jax.lax.stop_gradient(logp_curr),
+                jax.lax.stop_gradient(logp_next),
+                action_dim,
+                args.cql_temperature,
+            )  # [2]
+            cql = args.cql_weight * gap
+            if args.cql_lagrange:  # CQL code: alpha' (weight * gap - threshold)
+                cql = alpha_prime * (cql - args.cql_target_gap)
+            return bellman + cql.sum(), (bellman, gap, q_all)
+
+        (critic_loss, (bellman, gap, q_all)), grads = jax.value_and_grad(
+            critic_loss_fn, has_aux=True
+        )(member.critic.params)
+        new_critic = member.critic.apply_gradients(grads=grads)
+        critic_target = optax.incremental_update(new_critic.params, member.critic_target, args.tau)
+        log_alpha_prime = member.log_alpha_prime
+        if args.cql_lagrange:  # dual ascent: raise alpha' while the gap exceeds the threshold
+            excess = jax.lax.stop_gradient(args.cql_weight * gap - args.cql_target_gap)
+            prime_grads = jax.grad(lambda p: -(jnp.exp(p["v"]) * excess).sum() * 0.5)(
+                member.log_alpha_prime.params
+            )
+            log_alpha_prime = member.log_alpha_prime.apply_gradients(grads=prime_grads)
+
+        metrics = {
+            "critic_loss": critic_loss,
+            "bellman_loss": bellman,
+            "cql_gap": gap.mean(),
+            "actor_loss": actor_loss,
+            "alpha": alpha,
+            "alpha_prime": alpha_prime,
+            "entropy": -logp.mean(),
+            "q_data": q_all[:, 0].mean(),
+            "q_random_actions": q_all[:, 1 : n + 1].mean(),
+        }
+        member = CQLMember(new_actor, new_critic, critic_target, log_alpha, log_alpha_prime)
+        return member, metrics
+
+    def ensemble_update(members: CQLMember, data: dict, key, step):
+        """One CQL step for every member, each on its own minibatch. -> members, metrics [N]"""
+        num = jax.tree_util.tree_leaves(data)[0].shape[0]
+
+        def one(member, member_key):
+            batch_key, update_key = jax.random.split(member_key)
+            idx = jax.random.randint(batch_key, (args.batch_size,), 0, num)
+            batch = jax.tree_util.tree_map(lambda x: x[idx], data)
+            return member_update(member, batch, update_key, step)
+
+        return jax.vmap(one)(members, jax.random.split(key, args.ensemble_size))
+
+    return ensemble_update
+
+
+def make_offline_chunk(args: Args, cql_update):
+    """`log_every` CQL steps as one compiled scan: (members, data, key, first_step) ->
+    (members, key, metrics averaged over steps and members)."""
+
+    def offline_chunk(members, data, key, start_step):
+        def body(carry, step):
+            members, key = carry
+            key, step_key = jax.random.split(key)
+            members, metrics = cql_update(members, data, step_key, step)
+            return (members, key), metrics
+
+        steps = start_step + jnp.arange(args.log_every)
+        (members, key), metrics = jax.lax.scan(body, (members, key), steps)
+        return members, key, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    return jax.jit(offline_chunk, donate_argnums=(0, 2))
+
+
+def create_cql_members(args, actor, critic, obs_dim, action_dim, key) -> CQLMember:
+    obs, act = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
+
+    def create(member_key):
+        actor_key, critic_key = jax.random.split(member_key)
+        critic_params = jax.vmap(lambda k: critic.init(k, obs, act))(jax.random.split(critic_key))
+        scalar = lambda v: {"v": jnp.float32(v)}  # noqa: E731
+        return CQLMember(
+            actor=TrainState.create(
+                apply_fn=None,
+                params=actor.init(actor_key, obs),
+                tx=optax.adam(args.offline_policy_lr),
+            ),
+            critic=TrainState.create(
+                apply_fn=None, params=critic_params, tx=optax.adam(args.offline_q_lr)
+            ),
+            critic_target=jax.tree_util.tree_map(jnp.copy, critic_params),
+            log_alpha=TrainState.create(
+                apply_fn=None, params=scalar(0.0), tx=optax.adam(args.offline_policy_lr)
+            ),
+            log_alpha_prime=TrainState.create(
+                apply_fn=None, params=scalar(0.0), tx=optax.adam(args.offline_q_lr)
+            ),
+        )
+
+    return jax.vmap(create)(jax.random.split(key, args.ensemble_size))
+
+
+# ================================================================================================
+# Online: the ensemble agent (Eq. 5) with SAC updates, and balanced replay (Eq. 4, 6)
+# ================================================================================================
+
+
+def ensemble_moments(means, log_stds):
+    """Eq. (5): mean and std of the Gaussian matched to the mixture (1/N) sum_i N(mu_i, sigma_i^2),
+    in pre-tanh space. means, log_stds [N, ..., A] -> mean, std [..., A]; std clamped to
+    [e^-20, e^2] as in the authors' code."""
+    mean = means.mean(0)
+    var = (jnp.exp(2 * log_stds) + means**2).mean(0) - mean**2
+    std = jnp.sqrt(jnp.maximum(var, 1e-40))
+    return mean, jnp.clip(std, math.exp(-20), math.exp(2))
+
+
+def ensemble_policy(actor: TanhGaussianPolicy, params, obs):
+    """The ensemble agent's tanh-Gaussian policy at `obs`, and its deterministic action."""
+    means, log_stds = jax.vmap(actor.apply, in_axes=(0, None))(params, obs)
+    mean, std = ensemble_moments(means, log_stds)
+    return tanh_gaussian(mean, jnp.log(std)), jnp.tanh(mean)
+
+
+@struct.dataclass
+class OnlineState:
+    actor: TrainState  # stacked member policies [N, ...], one optimizer (Adam is elementwise)
+    critic: TrainState  # [N, 2, ...]
+    critic_target: dict
+    log_alpha: TrainState  # one temperature for the ensemble policy, reset to 1
+    density_ratio: TrainState
+    buffer: PrioritizedBuffer  # offline data in slots [0, M) (kept) + online ring
+    key: jax.Array
+    env_steps: jax.Array
+
+
+def js_density_ratio_loss(w_offline, w_online):
+    """Negative JS lower bound of Eq. (4) with P = d_on, Q = d_off (authors' form): minimised
+    at w = d_on / d_off."""
+    return (
+        -jnp.log(2.0 / (w_offline + 1.0) + 1e-10).mean()
+        - jnp.log(2.0 * w_online / (w_online + 1.0) + 1e-10).mean()
+    )
+
+
+def balanced_priorities(w_batch, w_offline_reference, temperature):
+    """Eq. (6): w^(1/T) self-normalised by its mean over a uniform offline batch, clamped."""
+    scaled = w_batch ** (1.0 / temperature)
+    norm = (w_offline_reference ** (1.0 / temperature)).mean()
+    return jnp.clip(scaled / (norm + 1e-10), 1e-3, 1e3)
+
+
+def initial_online_priority(num_offline: int, online_fraction: float, steps_per_epoch: int):
+    """Priority of new online samples such that after the first `steps_per_epoch` of them their
+    share of a batch is `online_fraction` (offline items have priority 1):
+    k p / (k p + M) = f  <=>  p = M f / ((1 - f) k)."""
+    return num_offline * online_fraction / ((1.0 - online_fraction) * steps_per_epoch)
+
+
+def auroc(positive_scores, negative_scores):
+    """P(score of a positive > score of a negative), by the Mann-Whitney rank statistic."""
+    scores = jnp.concatenate([positive_scores, negative_scores])
+    ranks = jnp.argsort(jnp.argsort(scores)) + 1.0
+    n_pos, n_neg = positive_scores.shape[0], negative_scores.shape[0]
+    return (ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def create_online_state(args, members: CQLMember, offline: dict, density_ratio, key, dr_key):
+    """The fine-tuning state: the pretrained members with fresh optimizers (online learning
+    rates), temperature reset to 1, and the buffer holding the offline data (priority 1) with
+    the default priority of new online samples set for the initial online fraction."""
+    num_offline, action_dim = offline["actions"].shape
+    buffer = PrioritizedBuffer.from_data(
+        offline, capacity=num_offline + args.online_buffer_size, priority=1.0, keep=True
+    )
+    buffer = buffer.set_default_priority(
+        initial_online_priority(num_offline, args.initial_online_fraction, args.steps_per_epoch)
+    )
+    obs_dim = offline["observations"].shape[1]
+    dr_params = density_ratio.init(dr_key, jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim)))
+    return OnlineState(
+        actor=TrainState.create(
+            apply_fn=None, params=members.actor.params, tx=optax.adam(args.policy_lr)
+        ),
+        critic=TrainState.create(
+            apply_fn=None, params=members.critic.params, tx=optax.adam(args.q_lr)
+        ),
+        critic_target=jax.tree_util.tree_map(jnp.copy, members.critic_target),
+        log_alpha=TrainState.create(
+            apply_fn=None, params={"v": jnp.float32(0.0)}, tx=optax.adam(args.alpha_lr)
+        ),
+        density_ratio=TrainState.create(apply_fn=None, params=dr_params, tx=optax.adam(args.dr_lr)),
+        buffer=buffer,
+        key=key,
+        env_steps=jnp.int32(0),
+    )
+
+
+def make_online_update(args, actor, critic, density_ratio, action_dim, num_offline):
+    target_entropy = -float(action_dim)
+    n = args.cql_n_actions
+
+    def rows(buffer, idx):
+        return jax.tree_util.tree_map(lambda x: x[idx], buffer.storage.data)
+
+    def sample_rl_batch(buffer: PrioritizedBuffer, key):
+        if args.replay == "balanced":
+            _, idx, _ = buffer.sample(key, args.batch_size)
+        elif args.replay == "uniform":  # one buffer, every filled slot equally likely
+            idx = jax.random.randint(key, (args.batch_size,), 0, buffer.size)
+        else:  # online-only: the online slots
+            idx = jax.random.randint(key, (args.batch_size,), num_offline, buffer.size)
+        return rows(buffer, idx), idx
+
+    def member_cql_term(critic_params, actor_params, obs, next_obs, q_data, key):
+        """Eq. (3)'s regulariser for one member with its own policy (online CQL ablation)."""
+        k_rand, k_curr, k_next = jax.random.split(key, 3)
+        dist_s = tanh_gaussian(*actor.apply(actor_params, obs))
+        dist_next = tanh_gaussian(*actor.apply(actor_params, next_obs))
+        rand = jax.random.uniform(k_rand, (n, *obs.shape[:-1], action_dim), minval=-1, maxval=1)
+        curr, logp_curr = dist_s.sample_and_log_prob(seed=k_curr, sample_shape=(n,))
+        nxt, logp_next = dist_next.sample_and_log_prob(seed=k_next, sample_shape=(n,))
+        acts = jax.lax.stop_gradient(jnp.concatenate([rand, curr, nxt]))
+        q = twin_q(critic, critic_params, jnp.broadcast_to(obs, (3 * n, *obs.shape)), acts)
+        return cql_regularizer(
+            q_data, q[:, :n], q[:, n : 2 * n], q[:, 2 * n :],
+            jax.lax.stop_gradient(logp_curr), jax.lax.stop_gradient(logp_next),
+            action_dim, args.cql_temperature,
+        )  # fmt: skip
+
+    def update(state: OnlineState, key):
+        k_batch, k_next, k_pi, k_cql, k_off, k_on, k_ref = jax.random.split(key, 7)
+        batch, idx = sample_rl_batch(state.buffer, k_batch)
+        obs, actions, next_obs = batch["observations"], batch["actions"], batch["next_observations"]
+        alpha = jnp.exp(state.log_alpha.params["v"])
+
+        # Critics (Eq. 1): one next action from the ensemble policy, shared by all members;
+        # each member's target is the min of its own twin target critics.
+        next_dist, _ = ensemble_policy(actor, state.actor.params, next_obs)
+        next_actions, next_logp = next_dist.sample_and_log_prob(seed=k_next)
+        next_q = jax.vmap(twin_q, in_axes=(None, 0, None, None))(
+            critic, state.critic_target, next_obs, next_actions
+        ).min(1)  # [N, B]
+        target = batch["rewards"] + args.gamma * (1 - batch["terminals"]) * (
+            next_q - alpha * next_logp
+        )
+
+        def critic_loss_fn(params):
+            q = jax.vmap(twin_q, in_axes=(None, 0, None, None))(critic, params, obs, actions)
+            bellman = ((q - target[:, None]) ** 2).mean(-1).sum()  # summed over members, twins
+            if not args.online_cql:
+                return bellman, q
+            gaps = jax.vmap(member_cql_term, in_axes=(0, 0, None, None, 0, 0))(
+                params, state.actor.params, obs, next_obs, q,
+                jax.random.split(k_cql, args.ensemble_size),
+            )  # fmt: skip
+            return bellman + args.cql_weight * gaps.sum(), q
+
+        (critic_loss, q), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
+            state.critic.params
+        )
+        critic_state = state.critic.apply_gradients(grads=grads)
+        critic_target = optax.incremental_update(critic_state.params, state.critic_target, args.tau)
+
+        # Actor (Eq. 2) through the ensemble policy of Eq. (5), against the mean-of-members Q.
+        def actor_loss_fn(params):
+            dist, _ = ensemble_policy(actor, params, obs)
+            new_actions, logp = dist.sample_and_log_prob(seed=k_pi)
+            q_new = jax.vmap(twin_q, in_axes=(None, 0, None, None))(
+                critic, critic_state.params, obs, new_actions
+            ).min(1)  # [N, B]
+            return (alpha * logp - q_new.mean(0)).mean(), logp
+
+        (actor_loss, logp), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(
+            state.actor.params
+        )
+        actor_state = state.actor.apply_gradients(grads=grads)
+        alpha_grads = jax.grad(
+            lambda p: -(p["v"] * jax.lax.stop_gradient(logp + target_entropy)).mean()
+        )(state.log_alpha.params)
+        log_alpha = state.log_alpha.apply_gradients(grads=alpha_grads)
+
+        metrics = {
+            "critic_loss": critic_loss,
+            "actor_loss": actor_loss,
+            "alpha": alpha,
+            "entropy": -logp.mean(),
+            "q_mean": q.mean(),
+            "q_member_std": q.min(1).std(0).mean(),
+            "offline_fraction": (idx < num_offline).mean(),
+        }
+
+        # Balanced replay: a density-ratio step (Eq. 4), then new priorities (Eq. 6).
+        buffer, dr_state = state.buffer, state.density_ratio
+        if args.replay == "balanced":
+            size = buffer.size
+            off = rows(buffer, jax.random.randint(k_off, (args.dr_batch_size,), 0, num_offline))
+            on = rows(buffer, jax.random.randint(k_on, (args.dr_batch_size,), num_offline, size))
+
+            def dr_loss_fn(params):
+                w_off = density_ratio.apply(params, off["observations"], off["actions"])
+                w_on = density_ratio.apply(params, on["observations"], on["actions"])
+                return js_density_ratio_loss(w_off, w_on), (w_off, w_on)
+
+            (dr_loss, (w_off, w_on)), grads = jax.value_and_grad(dr_loss_fn, has_aux=True)(
+                dr_state.params
+            )
+            dr_state = dr_state.apply_gradients(grads=grads)
+            ref = rows(buffer, jax.random.randint(k_ref, (args.dr_batch_size,), 0, num_offline))
+            w_ref = density_ratio.apply(dr_state.params, ref["observations"], ref["actions"])
+            w_batch = density_ratio.apply(dr_state.params, obs, actions)
+            priorities = balanced_priorities(w_batch, w_ref, args.temperature)
+            buffer = buffer.update_priorities(idx, priorities)
+            metrics |= {
+                "dr_loss": dr_loss,
+                "w_offline": w_off.mean(),
+                "w_online": w_on.mean(),
+                "priority_mean": priorities.mean(),
+                "default_priority": buffer.max_priority,
+            }
+        state = state.replace(
+            actor=actor_state,
+            critic=critic_state,
+            critic_target=critic_target,
+            log_alpha=log_alpha,
+            density_ratio=dr_state,
+            buffer=buffer,
+        )
+        return state, metrics
+
+    def insert_and_train(state: OnlineState, transitions: dict, num_updates):
+        """Add one epoch of online transitions (at the default priority), then `num_updates`
+        updates in one compiled loop (the count is traced: the longer first epoch does not
+        compile a second program). Returns the state and the updates' mean metrics."""
+        key, loop_key = jax.random.split(state.key)
+        state = state.replace(buffer=state.buffer.add_batch(transitions), key=key)
+        _, zero_metrics = jax.eval_shape(update, state, loop_key)
+        zero_metrics = jax.tree_util.tree_map(lambda m: jnp.zeros(m.shape, m.dtype), zero_metrics)
+
+        def body(i, carry):
+            state, totals = carry
+            state, metrics = update(state, jax.random.fold_in(loop_key, i))
+            return state, jax.tree_util.tree_map(jnp.add, totals, metrics)
+
+        state, totals = jax.lax.fori_loop(0, num_updates, body, (state, zero_metrics))
+        return state, jax.tree_util.tree_map(lambda t: t / num_updates, totals)
+
+    return jax.jit(insert_and_train, donate_argnums=0)
+
+
+def q_auroc(critic, critic_params, obs, seen_actions, key):
+    """Fig. 4b: Q as a classifier of seen vs uniformly random actions at online states. Returns
+    (AUROC of the ensemble mean Q, mean AUROC of the individual members)."""
+    random_actions = jax.random.uniform(key, seen_actions.shape, minval=-1, maxval=1)
+    q_of = lambda a: jax.vmap(twin_q, in_axes=(None, 0, None, None))(  # noqa: E731
+        critic, critic_params, obs, a
+    ).min(1)  # [N, S]
+    q_seen, q_rand = q_of(seen_actions), q_of(random_actions)
+    members = jax.vmap(auroc)(q_seen, q_rand)
+    return auroc(q_seen.mean(0), q_rand.mean(0)), members.mean()
+
+
+# ================================================================================================
+# Main: offline phase, then online phase
+# ================================================================================================
+
+
+def main(args: Args) -> dict:
+    if args.online_steps % args.steps_per_epoch:
+        raise DatasetError("--online-steps must be a multiple of --steps-per-epoch")
+    if args.offline_steps % args.log_every or args.offline_eval_every % args.log_every:
+        raise DatasetError(
+            "--offline-steps and --offline-eval-every must be multiples of --log-every"
+        )
+    if args.resume and args.run_dir is None:
+        raise DatasetError("--resume needs --run-dir (the directory of the run to continue)")
+    data = load_d4rl(args.env, allow_generate=not args.no_generate)
+    env_name = data.info.env
+    run_dir = (
+        pathlib.Path(args.run_dir)
+        if args.run_dir
+        else make_run_dir(args.env, "off2on_balanced", args.seed)
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, offline_path = run_dir / "checkpoint.npz", run_dir / "offline.npz"
+    offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
+    num_offline = data.info.num_transitions
+    obs_dim, action_dim = offline["observations"].shape[1], offline["actions"].shape[1]
+
+    actor = TanhGaussianPolicy(action_dim, args.hidden_dims)
+    critic = Critic(args.hidden_dims)
+    density_ratio = DensityRatio(args.hidden_dims)
+    key = jax.random.PRNGKey(args.seed)
+    key, members_key, online_key, dr_key = jax.random.split(key, 4)
+    members = create_cql_members(args, actor, critic, obs_dim, action_dim, members_key)
+
+    deterministic_action = jax.jit(lambda p, o: ensemble_policy(actor, p, o)[1])
+
+    def eval_metrics(actor_params, seed):
+        act = lambda obs: deterministic_action(actor_params, obs)  # noqa: E731
+        return evaluate(env_name, act, args.eval_episodes, seed)
+
+    # ---------------------------------------------------------------- offline phase
+    progress = {"phase": "offline", "offline_step": 0}
+    resumed = args.resume and ckpt_path.exists()
+    if resumed:
+        progress = read_checkpoint_metadata(ckpt_path)
+    if progress["phase"] == "offline":
+        resume_step = progress["offline_step"]
+    else:
+        resume_step = args.offline_steps + progress["env_steps"]
+    logger = Logger(run_dir, config=args, resume_step=resume_step if resumed else None)
+    if args.offline_checkpoint or (resumed and progress["phase"] == "online"):
+        source = pathlib.Path(args.offline_checkpoint) if args.offline_checkpoint else offline_path
+        (members, _), _ = load_checkpoint(source, (members, key))
+        print(f"offline ensemble loaded from {source}")
+        if not resumed:
+            progress = {"phase": "online", "env_steps": 0}
+    else:
+        if resumed:
+            (members, key), progress = load_checkpoint(ckpt_path, (members, key))
+            print(f"resumed offline phase at step {progress['offline_step']}")
+        offline_chunk = make_offline_chunk(args, make_cql_update(args, actor, critic, action_dim))
+
+        bar = tqdm(
+            range(progress["offline_step"], args.offline_steps, args.log_every),
+            desc="offline CQL",
+            unit_scale=args.log_every,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        )
+        for step in bar:
+            members, key, metrics = offline_chunk(members, offline, key, jnp.int32(step))
+            step += args.log_every
+            logger.log(step, metrics, prefix="offline/")
+            if step % args.offline_eval_every == 0 or step == args.offline_steps:
+                result = eval_metrics(members.actor.params, seed=args.seed + step)
+                logger.log(step, result.metrics(), prefix="eval/")
+                bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+            if step % args.checkpoint_every == 0 or step == args.offline_steps:
+                progress = {"phase": "offline", "offline_step": step}
+                save_checkpoint(ckpt_path, (members, key), progress)
+                if args.stop_after == step:
+                    raise SystemExit(f"stopped after offline step {step} (--stop-after)")
+        save_checkpoint(offline_path, (members, key), {"offline_steps": args.offline_steps})
+        progress = {"phase": "online", "env_steps": 0}
+    before = eval_metrics(members.actor.params, seed=args.seed + 10**6)
+    print(f"after offline pretraining: normalized score {before.mean_normalized:.1f}")
+
+    # ---------------------------------------------------------------- online phase
+    state = create_online_state(args, members, offline, density_ratio, online_key, dr_key)
+    env = OnlineEnv(env_name, args.seed)
+    if resumed and progress.get("env_steps", 0) > 0:
+        state, progress = load_checkpoint(ckpt_path, state)
+        env.load_state_dict(progress["env"])
+        print(f"resumed online phase at env step {progress['env_steps']}")
+    insert_and_train = make_online_update(
+        args, actor, critic, density_ratio, action_dim, num_offline
+    )
+
+    @jax.jit
+    def explore(actor_params, obs, key):
+        dist, _ = ensemble_policy(actor, actor_params, obs[None])
+        return dist.sample(seed=key)[0]
+
+    epochs = args.online_steps // args.steps_per_epoch
+    first_epoch = progress["env_steps"] // args.steps_per_epoch
+    bar = tqdm(
+        range(first_epoch, epochs),
+        initial=first_epoch,
+        total=epochs,
+        desc="online",
+        unit="epoch",
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
+    last = before
+    for epoch in bar:
+        env_steps = epoch * args.steps_per_epoch
+        global_step = args.offline_steps + env_steps
+        last = eval_metrics(state.actor.params, seed=args.seed + epoch)
+        logger.log(global_step, last.metrics(), prefix="eval/")
+        bar.set_postfix(score=f"{last.mean_normalized:.1f}")
+
+        # Collect one epoch of experience with the ensemble's exploration policy.
+        act_key, auroc_key = jax.random.split(jax.random.fold_in(state.key, epoch))
+        step_keys = np.asarray(jax.random.split(act_key, args.steps_per_epoch))
+        transitions = []
+        for t in range(args.steps_per_epoch):
+            action = explore(state.actor.params, env.obs, step_keys[t])
+            transition, finished = env.step(np.asarray(action))
+            transitions.append(transition)
+            if finished:
+                logger.log(global_step + t + 1, finished, prefix="train/")
+        batch = {k: jnp.asarray(np.stack([tr[k] for tr in transitions])) for k in TRANSITION_KEYS}
+        updates = args.steps_per_epoch * (args.first_epoch_multiplier if epoch == 0 else 1)
+        state, metrics = insert_and_train(state, batch, jnp.int32(updates))
+        state = state.replace(env_steps=state.env_steps + args.steps_per_epoch)
+        env_steps += args.steps_per_epoch
+        global_step += args.steps_per_epoch
+
+        recent = jnp.arange(
+            num_offline + env_steps - min(env_steps, args.auroc_samples), num_offline + env_steps
+        )
+        recent = num_offline + (recent - num_offline) % args.online_buffer_size
+        stored = state.buffer.storage.data
+        auc_ens, auc_member = q_auroc(
+            critic, state.critic.params, stored["observations"][recent], stored["actions"][recent],
+            auroc_key,
+        )  # fmt: skip
+        logger.log(
+            global_step,
+            {**metrics, "auroc_ensemble": auc_ens, "auroc_member_mean": auc_member},
+            prefix="online/",
+        )
+        if env_steps % args.checkpoint_every == 0 or env_steps == args.online_steps:
+            progress = {"phase": "online", "env_steps": env_steps, "env": env.state_dict()}
+            save_checkpoint(ckpt_path, state, progress)
+            if args.stop_after == global_step:
+                raise SystemExit(f"stopped after global step {global_step} (--stop-after)")
+
+    after = eval_metrics(state.actor.params, seed=args.seed + 2 * 10**6)
+    logger.log(args.offline_steps + args.online_steps, after.metrics(), prefix="eval/")
+    summary = {
+        "env": args.env,
+        "dataset": data.info.minari_id,
+        "normalized_score_before_finetuning": before.mean_normalized,
+        "normalized_score_after_finetuning": after.mean_normalized,
+        "return_after_finetuning": after.mean_return,
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    logger.close()
+    print(
+        f"normalized score: {before.mean_normalized:.1f} before fine-tuning, "
+        f"{after.mean_normalized:.1f} after {args.online_steps} online steps; run dir {run_dir}"
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except DatasetError as err:
+        raise SystemExit(f"error: {err}") from None

@@ -1,0 +1,174 @@
+"""Throughput of every algorithm and phase, measured in one run so the numbers compare as ratios.
+
+    python benchmarks/bench_throughput.py [--only off2on_balanced sac] [--out FILE] [--quick]
+
+Each figure times compiled update chunks (after a warm-up call that compiles them) on synthetic
+hopper-sized data of the real sizes (1M offline transitions; 1.25M-slot prioritized buffer), so
+it measures the algorithm, not the dataset. `--memory` additionally runs `off2on_balanced.py`
+end to end (tiny budgets) on the generated hopper-medium-v2 and reports its peak resident memory.
+Prints JSON; `--out` writes it too (default benchmarks/results/throughput.json).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "algorithms"))
+from common.checkpoints import atomic_write_text  # noqa: E402
+
+OBS_DIM, ACTION_DIM, NUM_OFFLINE = 11, 3, 1_000_000
+
+
+def synthetic_offline(num=NUM_OFFLINE, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "observations": jnp.asarray(rng.normal(size=(num, OBS_DIM)), jnp.float32),
+        "actions": jnp.asarray(rng.uniform(-1, 1, (num, ACTION_DIM)), jnp.float32),
+        "rewards": jnp.asarray(rng.normal(size=num), jnp.float32),
+        "next_observations": jnp.asarray(rng.normal(size=(num, OBS_DIM)), jnp.float32),
+        "terminals": jnp.zeros(num, jnp.float32),
+        "timeouts": jnp.zeros(num, jnp.float32),
+    }
+
+
+def time_calls(fn, calls: int) -> float:
+    """Seconds per call of `fn()` (which must block), after one warm-up call."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def bench_off2on(data, quick: bool) -> dict:
+    import off2on_balanced as o2o
+
+    from common.networks import Critic, TanhGaussianPolicy
+
+    results = {}
+    actor, critic = TanhGaussianPolicy(ACTION_DIM), Critic()
+    for n in (1, 5):
+        args = o2o.Args(ensemble_size=n, log_every=10 if quick else 50)
+        members = o2o.create_cql_members(
+            args, actor, critic, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0)
+        )
+        chunk = o2o.make_offline_chunk(args, o2o.make_cql_update(args, actor, critic, ACTION_DIM))
+        state = {"members": members, "key": jax.random.PRNGKey(1)}
+
+        def run(state=state, chunk=chunk):
+            state["members"], state["key"], metrics = chunk(
+                state["members"], data, state["key"], jnp.int32(10**6)
+            )
+            jax.block_until_ready(metrics)
+
+        seconds = time_calls(run, 1 if quick else 3)
+        results[f"offline_cql_N{n}_updates_per_s"] = round(args.log_every / seconds, 2)
+
+    args = o2o.Args(ensemble_size=5)
+    members = o2o.create_cql_members(
+        args, actor, critic, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0)
+    )
+    density_ratio = o2o.DensityRatio(args.hidden_dims)
+    online = o2o.create_online_state(
+        args, members, data, density_ratio, jax.random.PRNGKey(2), jax.random.PRNGKey(3)
+    )
+    train = o2o.make_online_update(args, actor, critic, density_ratio, ACTION_DIM, NUM_OFFLINE)
+    epoch = jax.tree_util.tree_map(lambda x: x[:1000], synthetic_offline(1000, seed=1))
+    updates = 100 if quick else 500
+    holder = {"state": online}
+
+    def run_online():
+        holder["state"], metrics = train(holder["state"], epoch, jnp.int32(updates))
+        jax.block_until_ready(metrics)
+
+    seconds = time_calls(run_online, 1 if quick else 2)
+    results["online_balanced_N5_updates_per_s"] = round(updates / seconds, 1)
+    results["online_buffer_capacity"] = int(holder["state"].buffer.capacity)
+    return results
+
+
+def bench_sac(quick: bool) -> dict:
+    import sac
+
+    args = sac.Args(learning_starts=0, buffer_size=1_000_000)
+    state = sac.create_state(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))
+    step = sac.make_train_step(args, ACTION_DIM)
+    transition = {k: np.asarray(v[0]) for k, v in synthetic_offline(1).items()}
+    obs = jnp.zeros(OBS_DIM)
+    holder = {"state": state}
+
+    def run():
+        for _ in range(100):
+            holder["state"], action, _ = step(holder["state"], transition, obs)
+        jax.block_until_ready(action)
+
+    seconds = time_calls(run, 1 if quick else 5)
+    return {"online_updates_per_s_without_env": round(100 / seconds, 1)}
+
+
+def bench_memory() -> dict:
+    """Peak RSS of a whole off2on_balanced run (both phases) on the 1M hopper-medium-v2."""
+    code = (
+        "import resource, runpy, sys; sys.argv = ['off2on_balanced.py', '--env', "
+        "'hopper-medium-v2', '--offline-steps', '1000', '--log-every', '500', "
+        "'--offline-eval-every', '1000', '--online-steps', '2000', '--eval-episodes', '1', "
+        "'--checkpoint-every', '1000', '--run-dir', sys.argv[1], '--no-generate']\n"
+        "try:\n    runpy.run_path('algorithms/off2on_balanced.py', run_name='__main__')\n"
+        "finally:\n    print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    run_dir = pathlib.Path("/tmp") / f"bench_memory_{os.getpid()}"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(run_dir)], cwd=REPO, capture_output=True, text=True
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("MAXRSS_KB")]
+    if proc.returncode != 0 or not lines:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "no output"}
+    return {"off2on_balanced_peak_rss_gb": round(int(lines[0].split()[1]) / 2**20, 2)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", default=["off2on_balanced", "sac"])
+    parser.add_argument("--quick", action="store_true", help="short timings (a smoke check)")
+    parser.add_argument("--memory", action="store_true", help="also measure a run's peak RSS")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=REPO / "benchmarks/results/throughput.json"
+    )
+    args = parser.parse_args()
+    report = {
+        "machine": f"{platform.machine()}, cpu_count={os.cpu_count()}",
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "quick": args.quick,
+        "results": {},
+    }
+    data = synthetic_offline()
+    if "off2on_balanced" in args.only:
+        report["results"]["off2on_balanced"] = bench_off2on(data, args.quick)
+    if "sac" in args.only:
+        report["results"]["sac"] = bench_sac(args.quick)
+    if args.memory:
+        report["results"].setdefault("off2on_balanced", {}).update(bench_memory())
+    report["bench_process_peak_rss_gb"] = round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2
+    )
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out and not args.quick:
+        atomic_write_text(args.out, text + "\n")
+
+
+if __name__ == "__main__":
+    main()
