@@ -39,7 +39,7 @@ from tqdm import tqdm
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402
-from common.checkpoints import load_checkpoint  # noqa: E402
+from common.checkpoints import atomic_write_text, load_checkpoint  # noqa: E402
 from common.datasets import (  # noqa: E402
     GENERATED_NAMESPACE,
     GYM_ENV_IDS,
@@ -227,6 +227,59 @@ def generate(env: str, split: str, steps: int, num_envs: int, seed: int, root, o
     return summary
 
 
+# Typical behaviour returns of D4RL's medium datasets, from ../shared/docs/ALGORITHM_FACTS.md
+# (the only D4RL behaviour statistics in the project's sources).
+D4RL_TYPICAL_MEDIUM_RETURN = {"hopper": 1400.0, "halfcheetah": 4700.0, "walker2d": 3000.0}
+
+
+def dataset_table(root=None) -> tuple[str, list[dict]]:
+    """Markdown table (and rows) of every generated dataset under the Minari root."""
+    from minari.dataset.minari_storage import MinariStorage
+
+    root = minari_root() if root is None else pathlib.Path(root)
+    rows = []
+    for env in GYM_ENV_IDS:
+        for split in SPLITS:
+            path = root / minari_id(GENERATED_NAMESPACE, env, split)
+            if not (path / "data").exists():
+                continue
+            meta = MinariStorage.read_raw_metadata(path / "data")
+            typical = D4RL_TYPICAL_MEDIUM_RETURN.get(env) if split == "medium" else None
+            rows.append(
+                {
+                    "name": f"{env}-{split}-v2",
+                    "transitions": meta["total_steps"],
+                    "episodes": meta["total_episodes"],
+                    "behaviour_return": round(meta["behaviour_return"], 1),
+                    "behaviour_return_std": round(
+                        meta.get("behaviour_return_std", float("nan")), 1
+                    ),
+                    "normalized": round(meta["behaviour_normalized_score"], 1),
+                    "d4rl_typical_return": typical,
+                    "d4rl_typical_normalized": None
+                    if typical is None
+                    else round(float(normalized_score(env, typical)), 1),
+                }
+            )
+    lines = [
+        "| dataset | transitions | episodes | behaviour return (± std) | normalized "
+        "| D4RL typical return (normalized) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        d4rl = (
+            "n/a"
+            if r["d4rl_typical_return"] is None
+            else (f"~{r['d4rl_typical_return']:.0f} ({r['d4rl_typical_normalized']:.1f})")
+        )
+        lines.append(
+            f"| {r['name']} | {r['transitions']:,} | {r['episodes']:,} | "
+            f"{r['behaviour_return']:.1f} ± {r['behaviour_return_std']:.1f} | "
+            f"{r['normalized']:.1f} | {d4rl} |"
+        )
+    return "\n".join(lines) + "\n", rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", required=True, choices=sorted(GYM_ENV_IDS))
@@ -236,6 +289,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", type=pathlib.Path, help="Minari root (default: Minari's)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing datasets")
+    parser.add_argument(
+        "--table", type=pathlib.Path, help="write a Markdown table of all generated datasets here"
+    )
     args = parser.parse_args(argv)
     # medium-expert is built from medium and expert: build those first.
     order = ("random", "medium", "expert", "medium-replay", "medium-expert")
@@ -252,6 +308,11 @@ def main(argv=None):
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.table:
+        text, rows = dataset_table(args.root)
+        atomic_write_text(args.table, text)
+        atomic_write_text(args.table.with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
+        print(text)
     return 0
 
 
