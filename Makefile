@@ -6,7 +6,15 @@ STAMP := $(VENV)/.installed
 
 ENV ?= hopper
 
-.PHONY: install test test-slow lint datasets bench-buffers bench-datasets clean
+.PHONY: install test test-slow lint demo datasets bench-buffers bench-datasets bench-throughput clean
+
+# The main job at a demo budget (~15 min on 2 CPU cores, dataset generation included): one method
+# end to end, printing the normalized score before and after fine-tuning. The paper protocol is
+# the same command without the budget flags.
+DEMO_FLAGS := --ensemble-size 2 --offline-steps 5000 --bc-steps 1000 --offline-eval-every 5000 \
+	--online-steps 10000 --checkpoint-every 5000
+demo: install
+	$(PY) algorithms/off2on_balanced.py --env hopper-medium-v2 $(DEMO_FLAGS)
 
 install: $(STAMP)
 
@@ -36,6 +44,9 @@ datasets: install
 
 bench-datasets: install
 	$(PY) benchmarks/bench_datasets.py --env $(ENV) --out benchmarks/results/bench_datasets_$(ENV).json
+
+bench-throughput: install
+	$(PY) benchmarks/bench_throughput.py --memory
 
 bench-buffers: install
 	$(PY) benchmarks/bench_buffers.py --out benchmarks/results/bench_buffers.json

@@ -169,14 +169,26 @@ class DensityRatio(nn.Module):
         return nn.relu(nn.Dense(1, bias_init=nn.initializers.ones)(x)).squeeze(-1)
 
 
+# ==== BEGIN SHARED BLOCK: CQL ensemble pretraining ============================================
+# Identical in algorithms/off2on_balanced.py and algorithms/bred.py (tests/test_shared_blocks.py
+# checks it): an ensemble of N CQL agents, vmapped over the member axis, each member on its own
+# minibatches. Equation numbers: [CoRL] = Lee et al. 2021 (CQL Eq. 3, SAC actor Eq. 2, mixture
+# Eq. 5); [BRED] = Lee et al. 2020 (CQL Eq. 4, SAC actor Eq. 3, mixture Eq. 9).
+
+
 def twin_q(critic: Critic, params, obs, actions):
     """Both critics of one member: params [2, ...], inputs [..., d] -> [2, ...]."""
     return jax.vmap(critic.apply, in_axes=(0, None, None))(params, obs, actions)
 
 
-# ================================================================================================
-# Offline: an ensemble of CQL agents (Eq. 3), vmapped over the member axis
-# ================================================================================================
+def ensemble_moments(means, log_stds):
+    """[CoRL] Eq. (5) / [BRED] Eq. (9): mean and std of the Gaussian matched to the mixture
+    (1/N) sum_i N(mu_i, sigma_i^2) in pre-tanh space. means, log_stds [N, ..., A] -> mean,
+    std [..., A]; std clamped to [e^-20, e^2] as in the CoRL authors' code."""
+    mean = means.mean(0)
+    var = (jnp.exp(2 * log_stds) + means**2).mean(0) - mean**2
+    std = jnp.sqrt(jnp.maximum(var, 1e-40))
+    return mean, jnp.clip(std, math.exp(-20), math.exp(2))
 
 
 @struct.dataclass
@@ -189,7 +201,8 @@ class CQLMember:
 
 
 def cql_regularizer(q_data, q_rand, q_curr, q_next, logp_curr, logp_next, action_dim, temperature):
-    """Eq. (3)'s  E_s[log sum_a exp Q(s,a) - E_{a~data} Q(s,a)],  with the log-sum-exp estimated
+    """[CoRL] Eq. (3) / [BRED] Eq. (4): the CQL(H) gap E_s[log sum_a exp Q(s,a) - E_data Q(s,a)],
+    with the log-sum-exp estimated
     by importance sampling as in the CQL authors' code (CQL(H)): uniform actions (density
     0.5^|A| on [-1,1]^|A|), actions of pi(.|s) and of pi(.|s') evaluated at s.
     q_data [2, B]; q_rand, q_curr, q_next [2, n, B]; logp_* [n, B]. Returns [2] (per critic)."""
@@ -210,7 +223,7 @@ def make_cql_update(args: Args, actor: TanhGaussianPolicy, critic: Critic, actio
         obs, actions, next_obs = batch["observations"], batch["actions"], batch["next_observations"]
         alpha = jnp.exp(member.log_alpha.params["v"])
 
-        # Policy: behaviour cloning for the first bc_steps, then the SAC loss (Eq. 2).
+        # Policy: behaviour cloning for the first bc_steps, then the SAC loss ([CoRL] Eq. 2).
         def actor_loss_fn(params):
             dist = tanh_gaussian(*actor.apply(params, obs))
             new_actions, logp = dist.sample_and_log_prob(seed=k_pi)
@@ -228,7 +241,7 @@ def make_cql_update(args: Args, actor: TanhGaussianPolicy, critic: Critic, actio
         )(member.log_alpha.params)
         log_alpha = member.log_alpha.apply_gradients(grads=alpha_grads)
 
-        # Critic: Bellman error with a (deterministic) backup, plus the CQL term of Eq. (3).
+        # Critic: Bellman error with a (deterministic) backup, plus the CQL term ([CoRL] Eq. 3).
         dist_s = tanh_gaussian(*actor.apply(member.actor.params, obs))
         dist_next = tanh_gaussian(*actor.apply(member.actor.params, next_obs))
         next_actions, next_logp = dist_next.sample_and_log_prob(seed=k_next)
@@ -355,19 +368,41 @@ def create_cql_members(args, actor, critic, obs_dim, action_dim, key) -> CQLMemb
     return jax.vmap(create)(jax.random.split(key, args.ensemble_size))
 
 
+def pretrain_cql_ensemble(
+    args, members, key, offline, cql_update, logger, eval_fn, ckpt_path, start
+):
+    """The offline phase: CQL steps [start, args.offline_steps) in compiled chunks of
+    `log_every`; logs `offline/*`, evaluates with `eval_fn(actor_params, seed) -> EvalResult`
+    every `offline_eval_every` steps, checkpoints (members, key) every `checkpoint_every` steps
+    with progress {"phase": "offline", "offline_step"}, and honours --stop-after."""
+    offline_chunk = make_offline_chunk(args, cql_update)
+    bar = tqdm(
+        range(start, args.offline_steps, args.log_every),
+        desc="offline CQL",
+        unit_scale=args.log_every,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
+    for step in bar:
+        members, key, metrics = offline_chunk(members, offline, key, jnp.int32(step))
+        step += args.log_every
+        logger.log(step, metrics, prefix="offline/")
+        if step % args.offline_eval_every == 0 or step == args.offline_steps:
+            result = eval_fn(members.actor.params, args.seed + step)
+            logger.log(step, result.metrics(), prefix="eval/")
+            bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+        if step % args.checkpoint_every == 0 or step == args.offline_steps:
+            save_checkpoint(ckpt_path, (members, key), {"phase": "offline", "offline_step": step})
+            if args.stop_after == step:
+                raise SystemExit(f"stopped after offline step {step} (--stop-after)")
+    return members, key
+
+
+# ==== END SHARED BLOCK ==========================================================================
+
+
 # ================================================================================================
 # Online: the ensemble agent (Eq. 5) with SAC updates, and balanced replay (Eq. 4, 6)
 # ================================================================================================
-
-
-def ensemble_moments(means, log_stds):
-    """Eq. (5): mean and std of the Gaussian matched to the mixture (1/N) sum_i N(mu_i, sigma_i^2),
-    in pre-tanh space. means, log_stds [N, ..., A] -> mean, std [..., A]; std clamped to
-    [e^-20, e^2] as in the authors' code."""
-    mean = means.mean(0)
-    var = (jnp.exp(2 * log_stds) + means**2).mean(0) - mean**2
-    std = jnp.sqrt(jnp.maximum(var, 1e-40))
-    return mean, jnp.clip(std, math.exp(-20), math.exp(2))
 
 
 def ensemble_policy(actor: TanhGaussianPolicy, params, obs):
@@ -675,27 +710,11 @@ def main(args: Args) -> dict:
         if resumed:
             (members, key), progress = load_checkpoint(ckpt_path, (members, key))
             print(f"resumed offline phase at step {progress['offline_step']}")
-        offline_chunk = make_offline_chunk(args, make_cql_update(args, actor, critic, action_dim))
-
-        bar = tqdm(
-            range(progress["offline_step"], args.offline_steps, args.log_every),
-            desc="offline CQL",
-            unit_scale=args.log_every,
-            mininterval=0.5 if sys.stderr.isatty() else 30.0,
-        )
-        for step in bar:
-            members, key, metrics = offline_chunk(members, offline, key, jnp.int32(step))
-            step += args.log_every
-            logger.log(step, metrics, prefix="offline/")
-            if step % args.offline_eval_every == 0 or step == args.offline_steps:
-                result = eval_metrics(members.actor.params, seed=args.seed + step)
-                logger.log(step, result.metrics(), prefix="eval/")
-                bar.set_postfix(score=f"{result.mean_normalized:.1f}")
-            if step % args.checkpoint_every == 0 or step == args.offline_steps:
-                progress = {"phase": "offline", "offline_step": step}
-                save_checkpoint(ckpt_path, (members, key), progress)
-                if args.stop_after == step:
-                    raise SystemExit(f"stopped after offline step {step} (--stop-after)")
+        cql_update = make_cql_update(args, actor, critic, action_dim)
+        members, key = pretrain_cql_ensemble(
+            args, members, key, offline, cql_update, logger, eval_metrics, ckpt_path,
+            progress["offline_step"],
+        )  # fmt: skip
         save_checkpoint(offline_path, (members, key), {"offline_steps": args.offline_steps})
         progress = {"phase": "online", "env_steps": 0}
     before = eval_metrics(members.actor.params, seed=args.seed + 10**6)
