@@ -41,6 +41,7 @@ import json
 import math
 import pathlib
 import sys
+import time
 from typing import Literal
 
 import jax
@@ -419,7 +420,7 @@ def distill(args: Args, actor, member_params, observations, key, logger, global_
     state = TrainState.create(apply_fn=None, params=params, tx=optax.adam(args.distill_lr))
 
     @jax.jit
-    def epoch(state, key):
+    def epoch(state, key, train_obs, member_params):  # data as arguments, not constants
         def step(state, step_key):
             obs = train_obs[jax.random.randint(step_key, (args.batch_size,), 0, train_obs.shape[0])]
             mu_hat, sigma_hat = distillation_targets(actor, member_params, obs)
@@ -438,9 +439,12 @@ def distill(args: Args, actor, member_params, observations, key, logger, global_
     bar = tqdm(
         range(args.distill_epochs), desc="distill", mininterval=0.5 if sys.stderr.isatty() else 30.0
     )
+    start = time.perf_counter()
     for i in bar:
+        if i == 1:  # the first epoch includes compilation
+            start = time.perf_counter()
         key, epoch_key = jax.random.split(key)
-        state, train_loss, val_loss = epoch(state, epoch_key)
+        state, train_loss, val_loss = epoch(state, epoch_key, train_obs, member_params)
         val_loss = float(val_loss)
         logger.log(
             global_step + i + 1, {"train_loss": train_loss, "val_loss": val_loss}, prefix="distill/"
@@ -450,7 +454,13 @@ def distill(args: Args, actor, member_params, observations, key, logger, global_
             best = (val_loss, i + 1, state.params)
         elif i + 1 - best[1] >= args.distill_patience:
             break
-    summary = {"val_loss": best[0], "best_epoch": best[1], "epochs_run": i + 1}
+    steps_per_s = i * args.distill_steps_per_epoch / (time.perf_counter() - start) if i else None
+    summary = {
+        "val_loss": best[0],
+        "best_epoch": best[1],
+        "epochs_run": i + 1,
+        "steps_per_s": steps_per_s,
+    }
     print(f"distillation: validation loss {best[0]:.5f} at epoch {best[1]} ({i + 1} epochs run)")
     return best[2], summary
 

@@ -10,6 +10,7 @@ Prints JSON; `--out` writes it too (default benchmarks/results/throughput.json).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -99,6 +100,48 @@ def bench_off2on(data, quick: bool) -> dict:
     return results
 
 
+def bench_bred(data, quick: bool) -> dict:
+    """Distillation and online updates/s (the offline phase is off2on_balanced's CQL block)."""
+    import bred
+
+    from common.networks import Critic, TanhGaussianPolicy
+
+    args = bred.Args(ensemble_size=5, distill_steps_per_epoch=100 if quick else 500)
+    actor, critic = TanhGaussianPolicy(ACTION_DIM), Critic()
+    members = bred.create_cql_members(
+        args, actor, critic, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0)
+    )
+    results = {}
+    # Distillation: steps/s over the epochs after the first (which compiles), validation included.
+    from common.logger import Logger
+
+    logger = Logger(pathlib.Path("/tmp") / f"bench_bred_{os.getpid()}")
+    timing_args = dataclasses.replace(args, distill_epochs=3 if quick else 6, distill_patience=100)
+    _, summary = bred.distill(
+        timing_args, actor, members.actor.params, data["observations"], jax.random.PRNGKey(1),
+        logger, 0,
+    )  # fmt: skip
+    logger.close()
+    results["distill_steps_per_s"] = round(summary["steps_per_s"], 1)
+
+    state = bred.create_online_state(
+        args, members, jax.tree_util.tree_map(lambda x: x[0], members.actor.params),
+        OBS_DIM, ACTION_DIM, jax.random.PRNGKey(2),
+    )  # fmt: skip
+    train, _ = bred.make_online_update(args, actor, critic, ACTION_DIM)
+    epoch = synthetic_offline(1000, seed=1)
+    updates = 100 if quick else 500
+    holder = {"state": state}
+
+    def run_online():
+        holder["state"], metrics = train(holder["state"], data, epoch, jnp.int32(updates))
+        jax.block_until_ready(metrics)
+
+    seconds = time_calls(run_online, 1 if quick else 2)
+    results["online_N5_distilled_updates_per_s"] = round(updates / seconds, 1)
+    return results
+
+
 def bench_sac(quick: bool) -> dict:
     import sac
 
@@ -140,7 +183,7 @@ def bench_memory() -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", default=["off2on_balanced", "sac"])
+    parser.add_argument("--only", nargs="+", default=["off2on_balanced", "bred", "sac"])
     parser.add_argument("--quick", action="store_true", help="short timings (a smoke check)")
     parser.add_argument("--memory", action="store_true", help="also measure a run's peak RSS")
     parser.add_argument(
@@ -157,6 +200,8 @@ def main():
     data = synthetic_offline()
     if "off2on_balanced" in args.only:
         report["results"]["off2on_balanced"] = bench_off2on(data, args.quick)
+    if "bred" in args.only:
+        report["results"]["bred"] = bench_bred(data, args.quick)
     if "sac" in args.only:
         report["results"]["sac"] = bench_sac(args.quick)
     if args.memory:
