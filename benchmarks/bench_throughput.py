@@ -142,6 +142,66 @@ def bench_bred(data, quick: bool) -> dict:
     return results
 
 
+def bench_td3_c(data, quick: bool) -> dict:
+    """Offline TD3-BC updates/s (plain MLPs and the paper's LayerNorm network) and online TD3-C
+    env steps/s end to end (Hopper-v5 stepping, one update per step, 1M-item buffer)."""
+    import td3_c
+
+    from common.buffers import ReplayBuffer
+    from common.envs import OnlineEnv
+
+    results = {}
+    chunk = 200 if quick else 1000
+    for layer_norm in (False, True):
+        args = td3_c.Args(layer_norm=layer_norm, log_every=chunk)
+        actor, critic = td3_c.make_networks(args, ACTION_DIM)
+        state = td3_c.create_state(
+            args, actor, critic, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0), None
+        )
+        update = td3_c.make_update(args, actor, critic, "td3bc")
+
+        @jax.jit
+        def offline_chunk(state, data, update=update):
+            def body(state, _):
+                key, batch_key, update_key = jax.random.split(state.key, 3)
+                idx = jax.random.randint(batch_key, (256,), 0, NUM_OFFLINE)
+                batch = jax.tree_util.tree_map(lambda x: x[idx], data)
+                return update(state.replace(key=key), batch, update_key)
+
+            return jax.lax.scan(body, state, None, length=chunk)
+
+        holder = {"state": state}
+
+        def run(holder=holder, offline_chunk=offline_chunk):
+            holder["state"], metrics = offline_chunk(holder["state"], data)
+            jax.block_until_ready(metrics)
+
+        name = "layernorm" if layer_norm else "plain_mlp"
+        results[f"offline_td3bc_{name}_updates_per_s"] = round(
+            chunk / time_calls(run, 1 if quick else 3)
+        )
+
+    args = td3_c.Args(finetune="td3c")
+    actor, critic = td3_c.make_networks(args, ACTION_DIM)
+    buffer = ReplayBuffer.from_data(data, 1_000_000)
+    state = td3_c.create_state(
+        args, actor, critic, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0), buffer
+    )
+    step_fn = td3_c.make_env_step(args, actor, critic, ACTION_DIM, 0)
+    env = OnlineEnv("hopper", 0)
+    steps = 500 if quick else 3000
+    holder = {"state": state, "action": np.zeros(ACTION_DIM, np.float32)}
+
+    def run_online():
+        for _ in range(steps):
+            transition, _ = env.step(holder["action"])
+            holder["state"], action, _ = step_fn(holder["state"], transition, env.obs, data)
+            holder["action"] = np.asarray(action)
+
+    results["online_td3c_env_steps_per_s"] = round(steps / time_calls(run_online, 1))
+    return results
+
+
 def bench_sac(quick: bool) -> dict:
     import sac
 
@@ -183,7 +243,7 @@ def bench_memory() -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", default=["off2on_balanced", "bred", "sac"])
+    parser.add_argument("--only", nargs="+", default=["off2on_balanced", "bred", "td3_c", "sac"])
     parser.add_argument("--quick", action="store_true", help="short timings (a smoke check)")
     parser.add_argument("--memory", action="store_true", help="also measure a run's peak RSS")
     parser.add_argument(
@@ -202,6 +262,8 @@ def main():
         report["results"]["off2on_balanced"] = bench_off2on(data, args.quick)
     if "bred" in args.only:
         report["results"]["bred"] = bench_bred(data, args.quick)
+    if "td3_c" in args.only:
+        report["results"]["td3_c"] = bench_td3_c(data, args.quick)
     if "sac" in args.only:
         report["results"]["sac"] = bench_sac(args.quick)
     if args.memory:

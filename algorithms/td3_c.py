@@ -1,0 +1,528 @@
+"""TD3-BC pretraining, then TD3-C fine-tuning (conservative TD3 with a Lagrangian trust region).
+
+Luo, Kay, Grefenstette, Deisenroth. "Finetuning from Offline Reinforcement Learning: Challenges,
+Trade-offs and Practical Solutions" (equation numbers below are the paper's).
+
+Offline: TD3-BC (Eq. 3): actor loss  -lambda Q1(s, pi(s)) + (pi(s) - a)^2,  lambda = alpha /
+mean|Q1| (no gradient), alpha = 2.5; twin critics with target policy smoothing; delayed actor and
+target updates. Online: one update per env step, Gaussian exploration noise, and the policy step
+of `--finetune`:
+  td3    max Q1(s, pi(s))
+  td3c   Eq. (4)-(5): max Q1(s, pi(s)) s.t. E[(pi(s) - pi_targ(s))^2] <= epsilon, solved as
+         min_{l >= 0} max_theta E[Q1(s, pi(s)) - l ((pi(s) - pi_targ(s))^2 - epsilon)], the
+         dual l learned by projected gradient steps, dQ/da clipped (Table B2 "clipping")
+  td3bc  the offline loss, unchanged
+The network is the paper's (Acme's LayerNormMLP): Linear -> LayerNorm -> tanh, then ELU layers,
+256-256, for the policy and both critics; the policy's last layer near-zero initialised.
+
+Choices where the paper is silent (flags, documented defaults):
+- Eq. (5) as printed reads  Q - lambda [epsilon - (a - pi')^2],  which would reward deviation;
+  the standard Lagrangian sign (penalising (a - pi')^2 above epsilon) is implemented.
+- The dual variable starts at `--init-dual` 0 and takes Adam steps of `--dual-lr` 1.0 on
+  -(constraint - epsilon), projected onto lambda >= 0 (unknown in the paper): it grows while the
+  constraint is violated and returns to exactly 0 when it is slack.
+- Action-gradient clipping as in rlax's dpg loss (Acme DDPG/D4PG): dQ/da clipped elementwise to
+  [-`--dqda-clip`, `--dqda-clip`] = [-1, 1], for td3c (the paper's "clipping: yes").
+- The actor gradient uses critic 1 only (Acme's TD3); evaluation: 10 episodes every 5000 steps.
+- `--offline-data init` loads the offline data into the online FIFO buffer (capacity 1e6, so new
+  samples displace the oldest offline ones, as in Acme); `none` starts from an empty buffer
+  (updates start after 1000 samples); `--offline-ratio R` keeps them apart and draws a fixed
+  share R of each batch offline (Appendix C.1). `--offline-steps 0 --offline-data none` is TD3
+  from scratch.
+
+Usage:
+    python algorithms/td3_c.py --env hopper-medium-v2                       # td3c fine-tuning
+    python algorithms/td3_c.py --env hopper-medium-v2 --finetune td3
+    python algorithms/td3_c.py --env hopper-medium-v2 --offline-checkpoint RUN/offline.npz \
+        --finetune td3bc
+"""
+
+import dataclasses
+import json
+import pathlib
+import sys
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax import struct
+from flax.training.train_state import TrainState
+from tqdm import tqdm
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from common.buffers import ReplayBuffer  # noqa: E402
+from common.checkpoints import (  # noqa: E402
+    atomic_write_text,
+    load_checkpoint,
+    read_checkpoint_metadata,
+    save_checkpoint,
+)
+from common.datasets import TRANSITION_KEYS, DatasetError, load_d4rl  # noqa: E402
+from common.envs import OnlineEnv  # noqa: E402
+from common.evaluation import evaluate  # noqa: E402
+from common.logger import Logger, make_run_dir  # noqa: E402
+from common.networks import Critic, DeterministicActor  # noqa: E402
+
+
+@dataclasses.dataclass
+class Args:
+    env: str = "hopper-medium-v2"
+    """D4RL dataset name; the online phase runs its gymnasium v5 environment"""
+    seed: int = 0
+    """seed of everything (parameters, sampling, environments)"""
+    hidden_dims: tuple[int, ...] = (256, 256)
+    layer_norm: bool = True
+    """the paper's LayerNorm network (Linear-LayerNorm-tanh, then ELU); False: plain ReLU MLPs"""
+    batch_size: int = 256
+    gamma: float = 0.99
+    tau: float = 5e-3
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    policy_delay: int = 2
+    """critic updates per actor (and target) update"""
+    target_noise: float = 0.2
+    target_noise_clip: float = 0.5
+    exploration_noise: float = 0.1
+    bc_alpha: float = 2.5
+    """alpha of TD3-BC (Eq. 3): lambda = alpha / mean|Q|"""
+
+    offline_steps: int = 500_000
+    """TD3-BC gradient steps (paper: 500k); 0 skips pretraining"""
+    offline_checkpoint: str | None = None
+    """path of a saved offline agent (`offline.npz`): skip pretraining"""
+    offline_eval_every: int = 10_000
+    log_every: int = 1_000
+    """offline steps compiled into one call and logged together; online steps between logs"""
+
+    finetune: Literal["td3c", "td3", "td3bc"] = "td3c"
+    """the online policy update"""
+    online_steps: int = 200_000
+    """environment steps of fine-tuning, one update each (paper: 200k)"""
+    offline_data: Literal["init", "none"] = "init"
+    """initialise the online buffer with the offline data, or start it empty (Sec. 3.3)"""
+    offline_ratio: float | None = None
+    """keep offline data apart and draw this fixed share of every batch from it (Appendix C.1)"""
+    buffer_size: int = 1_000_000
+    """online replay capacity (FIFO)"""
+    min_replay: int = 1_000
+    """online samples before updates start when the buffer starts without offline data"""
+    epsilon: float = 1e-5
+    """TD3-C trust-region size (Table B2)"""
+    dual_lr: float = 1.0
+    """Adam step size of the dual variable (not given in the paper)"""
+    init_dual: float = 0.0
+    dqda_clip: float = 1.0
+    """TD3-C: clip dQ/da elementwise to [-c, c] (Table B2 "clipping"); 0 disables"""
+    eval_every: int = 5_000
+    """online env steps between evaluations"""
+    eval_episodes: int = 10
+    checkpoint_every: int = 10_000
+    """steps (offline gradient steps, online env steps) between full checkpoints"""
+
+    run_dir: str | None = None
+    """run directory (default runs/<env>__td3_c__<seed>__<time>)"""
+    resume: bool = False
+    """continue the run in --run-dir from its checkpoint"""
+    no_generate: bool = False
+    """fail instead of generating a missing dataset"""
+    stop_after: int | None = None
+    """exit (as if interrupted) after the checkpoint at this global step; for testing --resume"""
+
+
+# ================================================================================================
+# Networks and state
+# ================================================================================================
+
+
+def make_networks(args: Args, action_dim: int):
+    kwargs = (
+        {"activation": "elu", "layer_norm": "first_tanh"}
+        if args.layer_norm
+        else {"activation": "relu", "layer_norm": None}
+    )
+    actor = DeterministicActor(
+        action_dim, args.hidden_dims, final_init_scale=1e-4 if args.layer_norm else None, **kwargs
+    )
+    return actor, Critic(args.hidden_dims, **kwargs)
+
+
+@struct.dataclass
+class TD3State:
+    actor: TrainState
+    actor_target: dict
+    critic: TrainState  # twin critics: leading axis 2
+    critic_target: dict
+    dual: TrainState  # lambda_c >= 0 of Eq. (5)
+    buffer: ReplayBuffer
+    key: jax.Array
+    step: jax.Array  # updates done (offline and online together)
+
+
+def create_state(args, actor, critic, obs_dim, action_dim, key, buffer) -> TD3State:
+    actor_key, critic_key = jax.random.split(key)
+    obs, act = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
+    actor_params = actor.init(actor_key, obs)
+    critic_params = jax.vmap(lambda k: critic.init(k, obs, act))(jax.random.split(critic_key))
+    copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # noqa: E731 - own buffers (donation)
+    return TD3State(
+        actor=TrainState.create(apply_fn=None, params=actor_params, tx=optax.adam(args.actor_lr)),
+        actor_target=copy(actor_params),
+        critic=TrainState.create(
+            apply_fn=None, params=critic_params, tx=optax.adam(args.critic_lr)
+        ),
+        critic_target=copy(critic_params),
+        dual=TrainState.create(
+            apply_fn=None, params={"v": jnp.float32(args.init_dual)}, tx=optax.adam(args.dual_lr)
+        ),
+        buffer=buffer,
+        key=key,
+        step=jnp.int32(0),
+    )
+
+
+# ================================================================================================
+# Losses
+# ================================================================================================
+
+
+def td3bc_actor_loss(q_pi, pi_actions, data_actions, bc_alpha):
+    """Eq. (3): -lambda Q(s, pi(s)) + (pi(s) - a)^2 with lambda = alpha / mean|Q| (no gradient)."""
+    lam = bc_alpha / jax.lax.stop_gradient(jnp.abs(q_pi).mean())
+    return (-lam * q_pi).mean() + ((pi_actions - data_actions) ** 2).sum(-1).mean()
+
+
+def clipped_dpg_loss(q_fn, actions, clip):
+    """-Q(s, a) as a loss whose gradient w.r.t. the actions is -clip(dQ/da, -c, c) (rlax's
+    dpg_loss with dqda_clipping, used by Acme's DDPG/D4PG). `q_fn(actions) -> [B]`."""
+    # Q(s_i, a_i) depends on a_i alone, so the gradient of the sum is the per-sample dQ/da.
+    dqda = jax.grad(lambda a: q_fn(a).sum())(jax.lax.stop_gradient(actions))
+    dqda = jnp.clip(dqda, -clip, clip)
+    target = jax.lax.stop_gradient(actions + dqda)
+    return 0.5 * ((target - actions) ** 2).sum(-1).mean()
+
+
+def trust_region_constraint(pi_actions, target_actions):
+    """Eq. (4)'s constraint value E_s[(pi(s) - pi_targ(s))^2] (summed over action dimensions)."""
+    return ((pi_actions - jax.lax.stop_gradient(target_actions)) ** 2).sum(-1).mean()
+
+
+def dual_step(dual: TrainState, constraint, epsilon):
+    """One projected gradient step on lambda_c: descending L(lambda) = lambda (epsilon - c)
+    raises lambda while c > epsilon and lowers it (to exactly 0) while c < epsilon."""
+    grads = {"v": epsilon - jax.lax.stop_gradient(constraint)}
+    dual = dual.apply_gradients(grads=grads)
+    return dual.replace(params={"v": jnp.maximum(dual.params["v"], 0.0)})
+
+
+# ================================================================================================
+# The update (offline and online)
+# ================================================================================================
+
+
+def make_update(args: Args, actor, critic, mode: str):
+    """(state, batch, key) -> (state, metrics); `mode` is "td3bc", "td3" or "td3c"."""
+
+    def q1(params, obs, actions):
+        return critic.apply(jax.tree_util.tree_map(lambda x: x[0], params), obs, actions)
+
+    def update(state: TD3State, batch: dict, key):
+        obs, actions, next_obs = batch["observations"], batch["actions"], batch["next_observations"]
+        # Critic: clipped double Q with target policy smoothing.
+        noise = jnp.clip(
+            args.target_noise * jax.random.normal(key, actions.shape),
+            -args.target_noise_clip,
+            args.target_noise_clip,
+        )
+        next_actions = jnp.clip(actor.apply(state.actor_target, next_obs) + noise, -1.0, 1.0)
+        next_q = jax.vmap(critic.apply, in_axes=(0, None, None))(
+            state.critic_target, next_obs, next_actions
+        ).min(0)
+        target = batch["rewards"] + args.gamma * (1 - batch["terminals"]) * next_q
+
+        def critic_loss_fn(params):
+            q = jax.vmap(critic.apply, in_axes=(0, None, None))(params, obs, actions)
+            return ((q - target[None]) ** 2).mean(-1).sum(), q
+
+        (critic_loss, q), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
+            state.critic.params
+        )
+        critic_state = state.critic.apply_gradients(grads=grads)
+        target_actions = actor.apply(state.actor_target, obs)
+
+        def actor_loss_fn(params):
+            pi = actor.apply(params, obs)
+            constraint = trust_region_constraint(pi, target_actions)
+            if mode == "td3bc":
+                loss = td3bc_actor_loss(
+                    q1(critic_state.params, obs, pi), pi, actions, args.bc_alpha
+                )
+            elif args.dqda_clip > 0 and mode == "td3c":
+                loss = clipped_dpg_loss(
+                    lambda a: q1(critic_state.params, obs, a), pi, args.dqda_clip
+                )
+            else:
+                loss = -q1(critic_state.params, obs, pi).mean()
+            if mode == "td3c":  # Eq. (5): the Lagrangian penalty of the trust region
+                loss = loss + state.dual.params["v"] * (constraint - args.epsilon)
+            return loss, (pi, constraint)
+
+        def delayed_actor_update(_):
+            (actor_loss, (pi, constraint)), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(
+                state.actor.params
+            )
+            new_actor = state.actor.apply_gradients(grads=grads)
+            change = ((actor.apply(new_actor.params, obs) - pi) ** 2).sum(-1).mean()
+            dual = dual_step(state.dual, constraint, args.epsilon) if mode == "td3c" else state.dual
+            new_targets = (
+                optax.incremental_update(new_actor.params, state.actor_target, args.tau),
+                optax.incremental_update(critic_state.params, state.critic_target, args.tau),
+            )
+            return new_actor, dual, new_targets, (actor_loss, constraint, change)
+
+        def no_actor_update(_):
+            zero = jnp.float32(0.0)
+            targets = (state.actor_target, state.critic_target)
+            return state.actor, state.dual, targets, (zero, zero, zero)
+
+        new_actor, dual, (actor_target, critic_target), (actor_loss, constraint, change) = (
+            jax.lax.cond(
+                state.step % args.policy_delay == 0, delayed_actor_update, no_actor_update, None
+            )
+        )
+        metrics = {
+            "critic_loss": critic_loss,
+            "q_mean": q.mean(),
+            "actor_loss": actor_loss,
+            "constraint": constraint,  # E[(pi - pi_targ)^2], logged on actor steps (else 0)
+            "policy_change": change,  # E[(pi_new - pi_old)^2] of the actor step
+            "dual": dual.params["v"],
+        }
+        state = state.replace(
+            actor=new_actor,
+            actor_target=actor_target,
+            critic=critic_state,
+            critic_target=critic_target,
+            dual=dual,
+            step=state.step + 1,
+        )
+        return state, metrics
+
+    return update
+
+
+def mixed_batch(state: TD3State, offline: dict, key, args: Args):
+    """A uniform batch of the online buffer, or with --offline-ratio a fixed offline share."""
+    k_on, k_off = jax.random.split(key)
+    batch, _ = state.buffer.sample(k_on, args.batch_size)
+    if args.offline_ratio is None:
+        return batch
+    n_off = round(args.batch_size * args.offline_ratio)
+    idx = jax.random.randint(k_off, (args.batch_size,), 0, offline["rewards"].shape[0])
+    off = jax.tree_util.tree_map(lambda x: x[idx], offline)
+    from_offline = jnp.arange(args.batch_size) < n_off
+    pick = lambda o, on: jnp.where(from_offline.reshape(-1, *[1] * (o.ndim - 1)), o, on)  # noqa: E731
+    return jax.tree_util.tree_map(pick, off, batch)
+
+
+def make_env_step(args: Args, actor, critic, action_dim: int, ready_after: int):
+    """One jitted call per env step: store the transition, update once (when the buffer holds
+    `ready_after` items), and pick the next action with exploration noise."""
+    online_update = make_update(args, actor, critic, args.finetune)
+
+    def env_step_update(state: TD3State, transition, next_obs, offline):
+        state = state.replace(buffer=state.buffer.add(transition))
+        key, batch_key, update_key, noise_key = jax.random.split(state.key, 4)
+        state = state.replace(key=key)
+        batch = mixed_batch(state, offline, batch_key, args)
+        update = lambda s: online_update(s, batch, update_key)  # noqa: E731
+        zeros = jax.tree_util.tree_map(
+            lambda m: jnp.zeros(m.shape, m.dtype), jax.eval_shape(update, state)[1]
+        )
+        state, metrics = jax.lax.cond(
+            state.buffer.size >= ready_after, update, lambda s: (s, zeros), state
+        )
+        noise = args.exploration_noise * jax.random.normal(noise_key, (action_dim,))
+        next_action = jnp.clip(actor.apply(state.actor.params, next_obs) + noise, -1.0, 1.0)
+        return state, next_action, metrics
+
+    return jax.jit(env_step_update, donate_argnums=0)
+
+
+# ================================================================================================
+# Main
+# ================================================================================================
+
+
+def main(args: Args) -> dict:
+    if args.offline_steps % args.log_every or args.offline_eval_every % args.log_every:
+        raise DatasetError(
+            "--offline-steps and --offline-eval-every must be multiples of --log-every"
+        )
+    if args.online_steps % args.log_every or args.eval_every % args.log_every:
+        raise DatasetError("--online-steps and --eval-every must be multiples of --log-every")
+    if args.resume and args.run_dir is None:
+        raise DatasetError("--resume needs --run-dir (the directory of the run to continue)")
+    data = load_d4rl(args.env, allow_generate=not args.no_generate)
+    env_name = data.info.env
+    run_dir = (
+        pathlib.Path(args.run_dir) if args.run_dir else make_run_dir(args.env, "td3_c", args.seed)
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, offline_path = run_dir / "checkpoint.npz", run_dir / "offline.npz"
+    offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
+    obs_dim, action_dim = offline["observations"].shape[1], offline["actions"].shape[1]
+    actor, critic = make_networks(args, action_dim)
+    key = jax.random.PRNGKey(args.seed)
+    key, init_key, online_key = jax.random.split(key, 3)
+    example = jax.tree_util.tree_map(lambda x: x[0], offline)
+    empty = ReplayBuffer.create(example, 1)
+    state = create_state(args, actor, critic, obs_dim, action_dim, init_key, empty)
+    deterministic = jax.jit(lambda p, o: actor.apply(p, o))
+
+    def eval_metrics(params, seed):
+        return evaluate(env_name, lambda o: deterministic(params, o), args.eval_episodes, seed)
+
+    progress = {"phase": "offline", "offline_step": 0}
+    resumed = args.resume and ckpt_path.exists()
+    if resumed:
+        progress = read_checkpoint_metadata(ckpt_path)
+    resume_step = (
+        progress["offline_step"]
+        if progress["phase"] == "offline"
+        else args.offline_steps + progress["env_steps"]
+    )
+    logger = Logger(run_dir, config=args, resume_step=resume_step if resumed else None)
+
+    # ---------------------------------------------------------------- offline: TD3-BC (Eq. 3)
+    def agent(s):  # everything but the buffer
+        return (s.actor, s.actor_target, s.critic, s.critic_target, s.key)
+
+    def with_agent(s, a):
+        return s.replace(actor=a[0], actor_target=a[1], critic=a[2], critic_target=a[3], key=a[4])
+
+    if args.offline_checkpoint or (resumed and progress["phase"] == "online"):
+        source = pathlib.Path(args.offline_checkpoint) if args.offline_checkpoint else offline_path
+        loaded, _ = load_checkpoint(source, agent(state))
+        state = with_agent(state, loaded)
+        print(f"offline agent loaded from {source}")
+    elif args.offline_steps > 0:
+        if resumed:
+            state, progress = load_checkpoint(ckpt_path, state)
+            print(f"resumed offline phase at step {progress['offline_step']}")
+        offline_update = make_update(args, actor, critic, "td3bc")
+
+        @jax.jit
+        def offline_chunk(state, data):
+            def body(state, _):
+                key, batch_key, update_key = jax.random.split(state.key, 3)
+                idx = jax.random.randint(batch_key, (args.batch_size,), 0, data["rewards"].shape[0])
+                batch = jax.tree_util.tree_map(lambda x: x[idx], data)
+                return offline_update(state.replace(key=key), batch, update_key)
+
+            state, metrics = jax.lax.scan(body, state, None, length=args.log_every)
+            return state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+        bar = tqdm(
+            range(progress["offline_step"], args.offline_steps, args.log_every),
+            desc="offline TD3-BC", unit_scale=args.log_every,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        )  # fmt: skip
+        for step in bar:
+            state, metrics = offline_chunk(state, offline)
+            step += args.log_every
+            logger.log(step, metrics, prefix="offline/")
+            if step % args.offline_eval_every == 0 or step == args.offline_steps:
+                result = eval_metrics(state.actor.params, args.seed + step)
+                logger.log(step, result.metrics(), prefix="eval/")
+                bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+            if step % args.checkpoint_every == 0 or step == args.offline_steps:
+                save_checkpoint(ckpt_path, state, {"phase": "offline", "offline_step": step})
+                if args.stop_after == step:
+                    raise SystemExit(f"stopped after offline step {step} (--stop-after)")
+        save_checkpoint(offline_path, agent(state), {"offline_steps": args.offline_steps})
+    if not resumed or progress["phase"] == "offline":
+        progress = {"phase": "online", "env_steps": 0}
+    before = eval_metrics(state.actor.params, args.seed + 10**6)
+    print(f"after offline pretraining: normalized score {before.mean_normalized:.1f}")
+
+    # ---------------------------------------------------------------- online fine-tuning
+    separate = args.offline_ratio is not None or args.offline_data == "none"
+    if separate:
+        buffer = ReplayBuffer.create(example, args.buffer_size)
+    else:  # the offline data fill the FIFO buffer first (Acme: capacity 1e6)
+        num = min(data.info.num_transitions, args.buffer_size)
+        buffer = ReplayBuffer.from_data(
+            jax.tree_util.tree_map(lambda x: x[-num:], offline), args.buffer_size
+        )
+    state = state.replace(buffer=buffer, key=online_key)
+    env = OnlineEnv(env_name, args.seed)
+    action = np.zeros(action_dim, np.float32)
+    if resumed and progress["env_steps"] > 0:
+        state, progress = load_checkpoint(ckpt_path, state)
+        env.load_state_dict(progress["env"])
+        action = np.asarray(progress["action"], np.float32)
+        print(f"resumed online phase at env step {progress['env_steps']}")
+    else:  # the first action: the pretrained policy plus exploration noise
+        noise = args.exploration_noise * jax.random.normal(
+            jax.random.fold_in(online_key, 0), (action_dim,)
+        )
+        action = np.asarray(jnp.clip(actor.apply(state.actor.params, env.obs) + noise, -1.0, 1.0))
+    ready_after = 0 if not separate or args.offline_ratio is not None else args.min_replay
+    step_fn = make_env_step(args, actor, critic, action_dim, ready_after)
+    start = progress["env_steps"]
+    bar = tqdm(
+        range(start, args.online_steps), initial=start, total=args.online_steps,
+        desc=f"online {args.finetune}", mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )  # fmt: skip
+    window = []  # the metrics since the last log, still on the device
+    for step in bar:
+        env_steps = step + 1
+        global_step = args.offline_steps + env_steps
+        transition, finished = env.step(action)
+        if finished:
+            logger.log(global_step, finished, prefix="train/")
+        state, action, metrics = step_fn(state, transition, jnp.asarray(env.obs), offline)
+        action = np.asarray(action)
+        window.append(metrics)
+        if env_steps % args.log_every == 0:
+            means = {k: jnp.stack([m[k] for m in window]).mean() for k in window[0]}
+            logger.log(global_step, means, prefix="online/")
+            window = []
+        if env_steps % args.eval_every == 0:
+            result = eval_metrics(state.actor.params, args.seed + env_steps)
+            logger.log(global_step, result.metrics(), prefix="eval/")
+            bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+        if env_steps % args.checkpoint_every == 0 or env_steps == args.online_steps:
+            progress = {"phase": "online", "env_steps": env_steps, "env": env.state_dict(),
+                        "action": action.tolist()}  # fmt: skip
+            save_checkpoint(ckpt_path, state, progress)
+            if args.stop_after == global_step:
+                raise SystemExit(f"stopped after global step {global_step} (--stop-after)")
+
+    after = eval_metrics(state.actor.params, args.seed + 2 * 10**6)
+    logger.log(args.offline_steps + args.online_steps, after.metrics(), prefix="eval/")
+    summary = {
+        "env": args.env,
+        "dataset": data.info.minari_id,
+        "finetune": args.finetune,
+        "normalized_score_before_finetuning": before.mean_normalized,
+        "normalized_score_after_finetuning": after.mean_normalized,
+        "return_after_finetuning": after.mean_return,
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    logger.close()
+    print(
+        f"normalized score: {before.mean_normalized:.1f} before fine-tuning, "
+        f"{after.mean_normalized:.1f} after {args.online_steps} online steps; run dir {run_dir}"
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except DatasetError as err:
+        raise SystemExit(f"error: {err}") from None
