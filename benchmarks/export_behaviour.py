@@ -3,7 +3,8 @@
 Writes `benchmarks/behaviour_policies/<env>/`:
   medium.npz         the actor snapshot whose stochastic return is closest to the medium target
                      (penalising an erratic one: distance + half the return std)
-  expert.npz         the final actor (SAC trained to completion)
+  expert.npz         SAC trained to completion: the best late snapshot (last 30% of training) by
+                     stochastic return, since SAC's evaluation return oscillates
   medium_replay.npz  the run's replay buffer from step 0 up to the medium snapshot (insertion
                      order, observations stored T+1 per episode), compressed
   manifest.json      env, SAC step, returns over >= 10 episodes (deterministic and stochastic),
@@ -116,12 +117,17 @@ def main(argv=None):
 
     # Medium: among step snapshots, shortlist those whose logged deterministic return is
     # nearest the target, then pick by measured stochastic return (the data are sampled).
-    snapshots = []
+    # "Stopped early": only snapshots before the run first evaluates well above the target
+    # (1.5x) count, so a late dip of a near-expert policy is never taken for the medium policy.
+    snapshots = []  # (|logged return - target|, step, path, logged return)
     for path in sorted((args.run_dir / "actors").glob("step_*.npz")):
         _, _, meta = load_actor(path, args.env, hidden)
         if "eval/return" in meta:
-            snapshots.append((abs(meta["eval/return"] - target), meta["step"], path))
-    shortlist = sorted(snapshots)[: args.candidates]
+            logged = meta["eval/return"]
+            snapshots.append((abs(logged - target), meta["step"], path, logged))
+    above = [step for _, step, _, logged in snapshots if logged >= 1.5 * target]
+    stop = min(above) if above else float("inf")
+    shortlist = sorted(m[:3] for m in snapshots if m[1] < stop)[: args.candidates]
     measured = []
     for _, step, path in shortlist:
         actor, params, _ = load_actor(path, args.env, hidden)
@@ -162,13 +168,27 @@ def main(argv=None):
     }
     final = args.run_dir / "actors" / "final.npz"
     if final.exists():  # the expert exists once the SAC run has finished
-        actor, params, expert_meta = load_actor(final, args.env, hidden)
-        expert_stats = policy_returns(args.env, actor, params, args.episodes, seed=999)
-        atomic_write_bytes(out / "expert.npz", lambda f: f.write(final.read_bytes()))
+        # SAC's evaluation return oscillates (hopper dips from ~3300 to ~1300 and back), so the
+        # expert is the best of the late snapshots (last 30% of training), by stochastic return.
+        late_returns = [
+            (-logged, step, path)
+            for _, step, path, logged in snapshots
+            if step >= 0.7 * config["total_steps"]
+        ]
+        candidates = []
+        for _, step, path in sorted(late_returns)[: args.candidates]:
+            actor, params, _ = load_actor(path, args.env, hidden)
+            stats = policy_returns(args.env, actor, params, args.episodes, seed=step + 1)
+            print(f"expert candidate step {step}: {stats}")
+            candidates.append((-stats["stochastic_return"], step, path, stats))
+        _, expert_step, expert_path, expert_stats = min(candidates, key=lambda m: m[:2])
+        atomic_write_bytes(out / "expert.npz", lambda f: f.write(expert_path.read_bytes()))
         policies["expert"] = {
             "file": "expert.npz",
-            "sac_step": expert_meta["step"],
+            "sac_step": expert_step,
             "hidden_dims": list(hidden),
+            "selection": "best stochastic return among the 6 best-evaluated snapshots of the "
+            "last 30% of SAC training",
             **expert_stats,
         }
     else:
