@@ -11,8 +11,10 @@ ENV ?= hopper
 # The main job at a demo budget (~15 min on 2 CPU cores, dataset generation included): one method
 # end to end, printing the normalized score before and after fine-tuning. The paper protocol is
 # the same command without the budget flags.
+# (--initial-online-fraction 0.75 and --first-epoch-multiplier 5 are the authors' README demo.)
 DEMO_FLAGS := --ensemble-size 2 --offline-steps 5000 --bc-steps 1000 --offline-eval-every 5000 \
-	--online-steps 10000 --checkpoint-every 5000
+	--online-steps 10000 --checkpoint-every 5000 --initial-online-fraction 0.75 \
+	--first-epoch-multiplier 5
 demo: install
 	$(PY) algorithms/off2on_balanced.py --env hopper-medium-v2 $(DEMO_FLAGS)
 
