@@ -1,8 +1,6 @@
 import json
 import math
-import os
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -10,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_same_run, run_script  # noqa: E402
 from flax.training.train_state import TrainState
 from scipy.special import logsumexp
 
@@ -167,16 +166,7 @@ TINY = [
 
 
 def run(run_dir, minari_root, *extra, ok=True):
-    proc = subprocess.run(
-        [sys.executable, "algorithms/off2on_balanced.py", *TINY, "--run-dir", str(run_dir), *extra],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "MINARI_DATASETS_PATH": str(minari_root)},
-    )
-    if ok:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return run_script("off2on_balanced.py", TINY, run_dir, minari_root, *extra, ok=ok)
 
 
 def test_tiny_run_and_exact_resume(tiny_root, tmp_path):
@@ -201,16 +191,7 @@ def test_tiny_run_and_exact_resume(tiny_root, tmp_path):
     stopped = run(part, tiny_root, "--resume", "--stop-after", "400", ok=False)
     assert "stopped after global step 400" in stopped.stderr
     run(part, tiny_root, "--resume")
-    a = np.load(full / "checkpoint.npz")
-    b = np.load(part / "checkpoint.npz")
-    assert a.files == b.files
-    for k in a.files:
-        if k != "__metadata__":
-            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    steps = lambda d: [
-        json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()
-    ]  # noqa: E731
-    assert steps(full) == steps(part)
+    assert_same_run(full, part)  # bit-identical state, same logged steps
 
 
 def test_offline_checkpoint_skips_pretraining(tiny_root, tmp_path):

@@ -1,13 +1,12 @@
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_same_run, run_script  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -127,17 +126,8 @@ TINY = [
 ]
 
 
-def run(run_dir, root, *extra, ok=True):
-    proc = subprocess.run(
-        [sys.executable, "algorithms/td3_c.py", *TINY, "--run-dir", str(run_dir), *extra],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "MINARI_DATASETS_PATH": str(root)},
-    )
-    if ok:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+def run(run_dir, minari_root, *extra, ok=True):
+    return run_script("td3_c.py", TINY, run_dir, minari_root, *extra, ok=ok)
 
 
 def test_tiny_run_and_exact_resume(tiny_root, tmp_path):
@@ -156,11 +146,7 @@ def test_tiny_run_and_exact_resume(tiny_root, tmp_path):
     stopped = run(part, tiny_root, "--resume", "--stop-after", "800", ok=False)
     assert "stopped after global step 800" in stopped.stderr
     run(part, tiny_root, "--resume")
-    a, b = np.load(full / "checkpoint.npz"), np.load(part / "checkpoint.npz")
-    assert a.files == b.files
-    for k in a.files:
-        if k != "__metadata__":
-            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert_same_run(full, part)  # bit-identical state, same logged steps
 
 
 def test_offline_ratio_and_no_offline_data_variants(tiny_root, tmp_path):
