@@ -81,6 +81,7 @@ class Args:
     batch_size: int = 256
     """B of Eq. (7)"""
     gamma: float = 0.99
+    """discount factor"""
     tau: float = 5e-3
     """Polyak rate of the target critics, every update"""
 
@@ -90,7 +91,9 @@ class Args:
     offline_checkpoint: str | None = None
     """a saved offline ensemble (`offline.npz`, also from off2on_balanced.py): skip pretraining"""
     offline_policy_lr: float = 1e-4
+    """offline (CQL) policy and temperature learning rate"""
     offline_q_lr: float = 3e-4
+    """offline (CQL) critic and Lagrange-multiplier learning rate"""
     cql_weight: float = 5.0
     """alpha' of Eq. (4) (CQL's min_q_weight; the CQL authors use 1.0 with --cql-lagrange)"""
     cql_lagrange: bool = False
@@ -100,6 +103,7 @@ class Args:
     cql_n_actions: int = 10
     """actions sampled per state for each of the uniform / pi(s) / pi(s') terms of Eq. (4)"""
     cql_temperature: float = 1.0
+    """temperature of CQL's log-sum-exp (1 = the CQL(H) objective)"""
     bc_steps: int = 40_000
     """offline steps of behaviour cloning for the policy before the SAC policy loss"""
     deterministic_backup: bool = True
@@ -121,6 +125,7 @@ class Args:
     distill_validation_fraction: float = 0.1
     """share of offline transitions held out for early stopping"""
     distill_lr: float = 3e-4
+    """learning rate of the distilled policy (Eq. 8)"""
 
     # --- online fine-tuning ---
     online_steps: int = 250_000
@@ -132,7 +137,9 @@ class Args:
     policy_lr: float = 3e-4
     """paper: chosen per task from {3e-4, 3e-5, 5e-6}"""
     q_lr: float = 3e-4
+    """online critic learning rate"""
     alpha_lr: float = 3e-4
+    """temperature learning rate"""
     init_alpha: float = 1.0
     """online temperature at the start of fine-tuning (auto-tuned after)"""
     online_buffer_size: int = 250_000

@@ -81,7 +81,9 @@ class Args:
     hidden_dims: tuple[int, ...] = (256, 256)
     """hidden layers of every policy and critic"""
     batch_size: int = 256
+    """minibatch size of every gradient step"""
     gamma: float = 0.99
+    """discount factor"""
     tau: float = 5e-3
     """Polyak rate of the target critics, every update"""
 
@@ -91,7 +93,9 @@ class Args:
     offline_checkpoint: str | None = None
     """path of a saved offline ensemble (`offline.npz`): skip pretraining"""
     offline_policy_lr: float = 1e-4
+    """offline (CQL) policy and temperature learning rate"""
     offline_q_lr: float = 3e-4
+    """offline (CQL) critic and Lagrange-multiplier learning rate"""
     cql_weight: float = 5.0
     """alpha' of Eq. (3) (CQL's min_q_weight; the CQL authors use 1.0 with --cql-lagrange)"""
     cql_lagrange: bool = False
@@ -101,6 +105,7 @@ class Args:
     cql_n_actions: int = 10
     """actions sampled per state for each of the uniform / pi(s) / pi(s') terms of Eq. (3)"""
     cql_temperature: float = 1.0
+    """temperature of CQL's log-sum-exp (1 = the CQL(H) objective)"""
     bc_steps: int = 40_000
     """offline steps of behaviour cloning for the policy before the SAC policy loss"""
     deterministic_backup: bool = True
@@ -118,8 +123,11 @@ class Args:
     first_epoch_multiplier: int = 10
     """the first epoch runs this many times more updates (paper appendix: 5; code: 10)"""
     policy_lr: float = 3e-4
+    """online policy learning rate"""
     q_lr: float = 3e-4
+    """online critic learning rate"""
     alpha_lr: float = 3e-4
+    """temperature learning rate"""
     online_buffer_size: int = 250_000
     """online slots of the replay buffer (the offline data are kept besides)"""
     replay: Literal["balanced", "uniform", "online-only"] = "balanced"

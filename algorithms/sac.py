@@ -71,14 +71,21 @@ class Args:
     buffer_size: int = 1_000_000
     """replay capacity (FIFO)"""
     batch_size: int = 256
+    """minibatch size of every gradient step"""
     gamma: float = 0.99
+    """discount factor"""
     tau: float = 0.005
     """Polyak rate of the target critics"""
     actor_lr: float = 3e-4
+    """actor learning rate"""
     critic_lr: float = 3e-4
+    """critic learning rate"""
     alpha_lr: float = 3e-4
+    """temperature learning rate"""
     init_alpha: float = 1.0
+    """initial SAC temperature"""
     hidden_dims: tuple[int, ...] = (256, 256)
+    """hidden layer widths of the actor and critics"""
     eval_every: int = 5_000
     """steps between evaluations"""
     eval_episodes: int = 10

@@ -74,18 +74,27 @@ class Args:
     seed: int = 0
     """seed of everything (parameters, sampling, environments)"""
     hidden_dims: tuple[int, ...] = (256, 256)
+    """hidden layer widths of the actor and critics"""
     layer_norm: bool = True
     """the paper's LayerNorm network (Linear-LayerNorm-tanh, then ELU); False: plain ReLU MLPs"""
     batch_size: int = 256
+    """minibatch size of every gradient step"""
     gamma: float = 0.99
+    """discount factor"""
     tau: float = 5e-3
+    """Polyak rate of the target networks"""
     actor_lr: float = 3e-4
+    """actor learning rate"""
     critic_lr: float = 3e-4
+    """critic learning rate"""
     policy_delay: int = 2
     """critic updates per actor (and target) update"""
     target_noise: float = 0.2
+    """std of the target policy smoothing noise"""
     target_noise_clip: float = 0.5
+    """clip of the target policy smoothing noise"""
     exploration_noise: float = 0.1
+    """std of the Gaussian exploration noise online"""
     bc_alpha: float = 2.5
     """alpha of TD3-BC (Eq. 3): lambda = alpha / mean|Q|"""
 
@@ -94,6 +103,7 @@ class Args:
     offline_checkpoint: str | None = None
     """path of a saved offline agent (`offline.npz`): skip pretraining"""
     offline_eval_every: int = 10_000
+    """offline gradient steps between evaluations"""
     log_every: int = 1_000
     """offline steps compiled into one call and logged together; online steps between logs"""
 
@@ -114,11 +124,13 @@ class Args:
     dual_lr: float = 1.0
     """Adam step size of the dual variable (not given in the paper)"""
     init_dual: float = 0.0
+    """initial value of the dual variable lambda_c"""
     dqda_clip: float = 1.0
     """TD3-C: clip dQ/da elementwise to [-c, c] (Table B2 "clipping"); 0 disables"""
     eval_every: int = 5_000
     """online env steps between evaluations"""
     eval_episodes: int = 10
+    """deterministic evaluation episodes"""
     checkpoint_every: int = 10_000
     """steps (offline gradient steps, online env steps) between full checkpoints"""
 
