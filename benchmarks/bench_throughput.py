@@ -6,7 +6,8 @@ Each figure times compiled update chunks (after a warm-up call that compiles the
 hopper-sized data of the real sizes (1M offline transitions; 1.25M-slot prioritized buffer), so
 it measures the algorithm, not the dataset. `--memory` additionally runs `off2on_balanced.py`
 end to end (tiny budgets) on the generated hopper-medium-v2 and reports its peak resident memory.
-Prints JSON; `--out` writes it too (default benchmarks/results/throughput.json).
+Prints JSON; a full run (every algorithm, not --quick) also writes
+benchmarks/results/throughput.json, and `--out FILE` writes any run to FILE.
 """
 
 import argparse
@@ -30,6 +31,7 @@ sys.path.insert(0, str(REPO / "algorithms"))
 from common.checkpoints import atomic_write_text  # noqa: E402
 
 OBS_DIM, ACTION_DIM, NUM_OFFLINE = 11, 3, 1_000_000
+ALGORITHMS = ("off2on_balanced", "bred", "td3_c", "aca", "sac")
 
 
 def synthetic_offline(num=NUM_OFFLINE, seed=0):
@@ -202,6 +204,61 @@ def bench_td3_c(data, quick: bool) -> dict:
     return results
 
 
+def bench_aca(data, quick: bool) -> dict:
+    """Offline SAC+ML updates/s (with the Z baselines) and online ACA env steps/s end to end
+    (Hopper-v5 stepping, one update per step, 1M-item FIFO buffer)."""
+    import aca
+
+    from common.buffers import ReplayBuffer
+    from common.envs import OnlineEnv
+    from common.networks import Critic, TanhGaussianPolicy, ValueNet
+
+    chunk = 200 if quick else 1000
+    args = aca.Args(log_every=chunk)
+    actor, critic, baseline = TanhGaussianPolicy(ACTION_DIM), Critic(), ValueNet()
+    state = aca.create_offline_state(
+        args, actor, critic, baseline, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0)
+    )
+    update = aca.make_offline_update(args, actor, critic, baseline, ACTION_DIM)
+
+    @jax.jit
+    def offline_chunk(state, data):
+        def body(state, _):
+            key, batch_key = jax.random.split(state.key)
+            idx = jax.random.randint(batch_key, (256,), 0, NUM_OFFLINE)
+            batch = jax.tree_util.tree_map(lambda x: x[idx], data)
+            return update(state.replace(key=key), batch)
+
+        return jax.lax.scan(body, state, None, length=chunk)
+
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = offline_chunk(holder["state"], data)
+        jax.block_until_ready(metrics)
+
+    results = {"offline_sacml_z_updates_per_s": round(chunk / time_calls(run, 1 if quick else 3))}
+
+    settings = aca.online_settings(args, "medium")
+    buffer = ReplayBuffer.from_data(jax.tree_util.tree_map(lambda x: x[:50_000], data), 1_000_000)
+    online = aca.create_online_state(
+        args, holder["state"], OBS_DIM, ACTION_DIM, buffer, jax.random.PRNGKey(1)
+    )
+    step_fn = aca.make_env_step(args, settings, actor, critic, ACTION_DIM)
+    env = OnlineEnv("hopper", 0)
+    steps = 500 if quick else 3000
+    online_holder = {"state": online, "action": np.zeros(ACTION_DIM, np.float32)}
+
+    def run_online():
+        for _ in range(steps):
+            transition, _ = env.step(online_holder["action"])
+            online_holder["state"], action, _ = step_fn(online_holder["state"], transition, env.obs)
+            online_holder["action"] = np.asarray(action)
+
+    results["online_aca_env_steps_per_s"] = round(steps / time_calls(run_online, 1))
+    return results
+
+
 def bench_sac(quick: bool) -> dict:
     import sac
 
@@ -243,11 +300,14 @@ def bench_memory() -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", default=["off2on_balanced", "bred", "td3_c", "sac"])
+    parser.add_argument("--only", nargs="+", default=list(ALGORITHMS))
     parser.add_argument("--quick", action="store_true", help="short timings (a smoke check)")
     parser.add_argument("--memory", action="store_true", help="also measure a run's peak RSS")
     parser.add_argument(
-        "--out", type=pathlib.Path, default=REPO / "benchmarks/results/throughput.json"
+        "--out",
+        type=pathlib.Path,
+        help="JSON file to write (default: benchmarks/results/throughput.json, only for a full "
+        "run, so the committed file always holds every algorithm measured together)",
     )
     args = parser.parse_args()
     report = {
@@ -264,6 +324,8 @@ def main():
         report["results"]["bred"] = bench_bred(data, args.quick)
     if "td3_c" in args.only:
         report["results"]["td3_c"] = bench_td3_c(data, args.quick)
+    if "aca" in args.only:
+        report["results"]["aca"] = bench_aca(data, args.quick)
     if "sac" in args.only:
         report["results"]["sac"] = bench_sac(args.quick)
     if args.memory:
@@ -273,8 +335,10 @@ def main():
     )
     text = json.dumps(report, indent=2)
     print(text)
-    if args.out and not args.quick:
-        atomic_write_text(args.out, text + "\n")
+    full_run = set(args.only) == set(ALGORITHMS) and not args.quick
+    out = args.out or (REPO / "benchmarks/results/throughput.json" if full_run else None)
+    if out:
+        atomic_write_text(out, text + "\n")
 
 
 if __name__ == "__main__":

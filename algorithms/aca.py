@@ -1,0 +1,837 @@
+"""Actor-critic alignment (ACA): SAC+ML pretraining, alignment, ACA fine-tuning.
+
+Yu, Zhang. "Actor-Critic Alignment for Offline-to-Online Reinforcement Learning", ICML 2023
+(equation and algorithm numbers below are the paper's).
+
+Offline (Algorithm 1): SAC+ML. Twin critics with the SAC target (Eq. 5), auto-tuned temperature
+(Eq. 6), and the actor loss of Eq. (4):  E[-log pi(a|s) - lambda (Q(s,b) - alpha log pi(b|s))],
+b ~ pi(.|s), lambda = w / mean|Q| with w = 30. Alongside, two baseline nets Z(s) are fitted by
+the semi-gradient regression of Eq. (8)-(9) (no target network), so that log pi(a|s) + Z(s)
+satisfies the Bellman equation of the offline policy.
+Alignment (Algorithm 2): pi_0 <- frozen copy of the offline actor; the online critics R_i(s,a)
+copy Z_i's weights with the first-layer columns that read the action set to zero, so R(s,a) =
+Z(s) exactly; temperature reset to 1; the offline Q is discarded.
+Online (Algorithm 3, Eq. 12-22): the critic is  Q(s,a) = k CLIP_beta(log pi_0(a|s)) + R(s,a)
+(Eq. 19), CLIP_beta the soft lower clip of Eq. (12)-(13); SAC updates of temperature (Eq. 6),
+critics (Eq. 21-22) and actor (Eq. 20), one per env step, actor gradient norm clipped to 0.25;
+k decays linearly per gradient step: k <- max(k - k0 / (K 1000), k_min). The replay buffer
+(FIFO, 1e6) starts with the top-N offline trajectories by return.
+
+Per-dataset defaults (Table 10 / the authors' code), from the dataset name, each a flag:
+    level          beta   k0, K, k_min    top-N
+    random          7     1, 10, 0          0
+    medium          7     1, 40, 0.5        0
+    medium-replay   7     1, 40, 0.5       50
+    medium-expert  15     1, 100, 1        50
+    expert         15     1, 100, 1        50
+Without offline data (`--offline-data none`, Sec. 6.4) beta is 1.5x for medium-replay,
+medium-expert and expert (Appendix C.4).
+
+Baselines and ablations (`--finetune`):
+  aca        the method
+  sac        SAC -> SAC: the offline actor, critics, targets and temperature, plain SAC online,
+             all offline data in the buffer (Appendix E.1)
+  bc-only    Appendix D.1 ablation 1: R = offline Q, plain SAC critic (Eq. 23-24), ACA actor
+  r-init-q   Appendix D.1 ablation 2: ACA with R initialised by the offline Q instead of Z
+`--offline-algo cql` (Sec. 6.3) pretrains CQL(H) instead of SAC+ML and clips log pi at 0 from
+below in Eq. (8), as the paper says.
+
+Choices where the paper is silent (documented defaults):
+- Eq. (8)'s target follows the authors' code: y = r + gamma (1-d) [log pi(a'|s') + min Z(s')
+  - alpha log pi(a'|s')], a' ~ pi(.|s') (the paper prints it without the entropy term).
+- lambda of Eq. (4) uses mean|min Q(s, b)| at the policy's actions (as in d3rlpy's TD3+BC, which
+  the authors adapted); the paper prints the data actions.
+- The online optimisers (Adam, lr 3e-4) start fresh; the actor's is chained after the 0.25
+  gradient-norm clip (ACA variants only: SAC -> SAC is d3rlpy's plain SAC).
+- The bc-only actor uses the same k CLIP_beta(log pi_0) term as ACA's actor (Eq. 11 with the
+  stabilisers of Appendix A.2).
+- CQL (`--offline-algo cql`): fixed conservative weight 10 and 10 sampled actions (Table 9),
+  the CQL(H) log-sum-exp estimator of the CQL authors' code (the same function as in
+  off2on_balanced.py), no Lagrange tuning; actor and temperature lr 1e-4 (Table 11).
+- Evaluation: 10 deterministic episodes every 5000 offline steps and every 1000 online steps
+  (the paper evaluates after every 1000 steps in both phases).
+- Log densities of the tanh-Gaussian are computed from the pre-tanh sample (never via atanh of
+  a saturated action), so log pi_0 at the policy's own actions is exact and finite.
+
+Usage:
+    python algorithms/aca.py --env hopper-medium-v2
+    python algorithms/aca.py --env hopper-medium-v2 --offline-checkpoint RUN/offline.npz \
+        --finetune sac
+    python algorithms/aca.py --env hopper-expert-v2 --offline-data none
+"""
+
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax import struct
+from flax.training.train_state import TrainState
+from tqdm import tqdm
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from common.buffers import ReplayBuffer  # noqa: E402
+from common.checkpoints import (  # noqa: E402
+    atomic_write_text,
+    load_checkpoint,
+    read_checkpoint_metadata,
+    save_checkpoint,
+)
+from common.datasets import TRANSITION_KEYS, DatasetError, load_d4rl, parse_name  # noqa: E402
+from common.envs import OnlineEnv  # noqa: E402
+from common.evaluation import evaluate  # noqa: E402
+from common.logger import Logger, make_run_dir  # noqa: E402
+from common.networks import Critic, TanhGaussianPolicy, ValueNet  # noqa: E402
+
+# Table 10 / the authors' code: beta, (k0, K, k_min), top-N trajectories, per dataset level.
+ACA_DEFAULTS = {
+    "random": {"beta": 7.0, "k": (1.0, 10.0, 0.0), "top_n": 0},
+    "medium": {"beta": 7.0, "k": (1.0, 40.0, 0.5), "top_n": 0},
+    "medium-replay": {"beta": 7.0, "k": (1.0, 40.0, 0.5), "top_n": 50},
+    "medium-expert": {"beta": 15.0, "k": (1.0, 100.0, 1.0), "top_n": 50},
+    "expert": {"beta": 15.0, "k": (1.0, 100.0, 1.0), "top_n": 50},
+}
+
+
+@dataclasses.dataclass
+class Args:
+    env: str = "hopper-medium-v2"
+    """D4RL dataset name; the online phase runs its gymnasium v5 environment"""
+    seed: int = 0
+    """seed of everything (parameters, sampling, environments)"""
+    hidden_dims: tuple[int, ...] = (256, 256)
+    """hidden layers of the policy, critics and Z baselines (ReLU)"""
+    batch_size: int = 256
+    """minibatch size of every gradient step"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 5e-3
+    """Polyak rate of the target critics"""
+
+    offline_algo: Literal["sacml", "cql"] = "sacml"
+    """offline learner: SAC+ML (Eq. 4-6) or CQL(H) (Sec. 6.3)"""
+    offline_steps: int = 500_000
+    """offline gradient steps (paper: 500 episodes x 1000)"""
+    offline_checkpoint: str | None = None
+    """path of a saved offline agent (`offline.npz`): skip pretraining"""
+    offline_actor_lr: float | None = None
+    """offline policy lr (default 3e-4 for SAC+ML, 1e-4 for CQL, Table 11)"""
+    offline_alpha_lr: float | None = None
+    """offline temperature lr (default 3e-4 for SAC+ML, 1e-4 for CQL)"""
+    critic_lr: float = 3e-4
+    """offline Q lr"""
+    z_lr: float = 3e-4
+    """lr of the Z baselines (Eq. 8)"""
+    ml_weight: float = 30.0
+    """w of Eq. (4): lambda = w / mean|Q|"""
+    cql_weight: float = 10.0
+    """CQL conservative weight (Table 9)"""
+    cql_n_actions: int = 10
+    """actions sampled per state for CQL's log-sum-exp (Table 9)"""
+    offline_eval_every: int = 5_000
+    """offline gradient steps between evaluations"""
+    log_every: int = 1_000
+    """offline steps compiled into one call and logged together; online steps between logs"""
+
+    finetune: Literal["aca", "sac", "bc-only", "r-init-q"] = "aca"
+    """online method: ACA, SAC->SAC, or the Appendix D.1 ablations"""
+    online_steps: int = 100_000
+    """environment steps of fine-tuning, one update each (paper: 100k)"""
+    offline_data: Literal["auto", "topn", "all", "none"] = "auto"
+    """initial buffer: top-N offline trajectories, all offline data, or empty (Sec. 6.4); auto:
+    topn for the ACA variants, all for SAC->SAC (Appendix E.1)"""
+    top_n: int | None = None
+    """trajectories pre-loaded with --offline-data topn (default: per dataset, Table 10)"""
+    beta: float | None = None
+    """beta of the clip (Eq. 12-13) (default: per dataset, Table 10)"""
+    k_init: float | None = None
+    """k0 of the critic interpolation (Eq. 19) (default: per dataset)"""
+    k_decay_episodes: float | None = None
+    """K: k falls by k0 / (K x 1000) per gradient step (default: per dataset)"""
+    k_min: float | None = None
+    """floor of k (default: per dataset)"""
+    online_lr: float = 3e-4
+    """online actor, critic and temperature lr"""
+    actor_grad_clip: float = 0.25
+    """global-norm clip of the online actor gradient (ACA variants; 0 disables)"""
+    buffer_size: int = 1_000_000
+    """online replay capacity (FIFO)"""
+    eval_every: int = 1_000
+    """online env steps between evaluations"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes"""
+    checkpoint_every: int = 10_000
+    """steps (offline gradient steps, online env steps) between full checkpoints"""
+
+    run_dir: str | None = None
+    """run directory (default runs/<env>__aca__<seed>__<time>)"""
+    resume: bool = False
+    """continue the run in --run-dir from its checkpoint"""
+    no_generate: bool = False
+    """fail instead of generating a missing dataset"""
+    stop_after: int | None = None
+    """exit (as if interrupted) after the checkpoint at this global step; for testing --resume"""
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineSettings:
+    beta: float
+    k_init: float
+    k_decay_episodes: float
+    k_min: float
+    offline_data: str
+    top_n: int
+
+
+def online_settings(args: Args, split: str) -> OnlineSettings:
+    """The per-dataset defaults of Table 10, overridden by any flag the user gave."""
+    base = ACA_DEFAULTS[split]
+    offline_data = args.offline_data
+    if offline_data == "auto":
+        offline_data = "all" if args.finetune == "sac" else "topn"
+    beta = base["beta"]
+    if offline_data == "none" and split in ("medium-replay", "medium-expert", "expert"):
+        beta *= 1.5  # Appendix C.4: more conservative without offline data
+    k0, big_k, k_min = base["k"]
+    pick = lambda flag, default: default if flag is None else flag  # noqa: E731
+    return OnlineSettings(
+        beta=pick(args.beta, beta),
+        k_init=pick(args.k_init, k0),
+        k_decay_episodes=pick(args.k_decay_episodes, big_k),
+        k_min=pick(args.k_min, k_min),
+        offline_data=offline_data,
+        top_n=pick(args.top_n, base["top_n"]),
+    )
+
+
+# ================================================================================================
+# Tanh-Gaussian densities from the pre-tanh sample, beta-clipping, k schedule
+# ================================================================================================
+
+
+def squashed_log_prob(u, mean, log_std):
+    """log pi(tanh(u)|s) of the tanh-Gaussian with pre-tanh (mean, log_std), from the pre-tanh
+    value u: log N(u; mean, std) - sum log(1 - tanh(u)^2), the correction written stably as
+    2 (log 2 - u - softplus(-2u)). [..., A] -> [...]."""
+    z = (u - mean) * jnp.exp(-log_std)
+    gauss = -0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)
+    log_det = 2.0 * (math.log(2.0) - u - jax.nn.softplus(-2.0 * u))
+    return (gauss - log_det).sum(-1)
+
+
+def sample_pre_tanh(mean, log_std, key, sample_shape=()):
+    """u ~ N(mean, std) (reparameterised); the action is tanh(u)."""
+    eps = jax.random.normal(key, (*sample_shape, *mean.shape))
+    return mean + jnp.exp(log_std) * eps
+
+
+def pre_tanh(actions):
+    """atanh of dataset actions, clipped inside (-1, 1) so boundary actions stay finite."""
+    return jnp.arctanh(jnp.clip(actions, -1 + 1e-6, 1 - 1e-6))
+
+
+def beta_clip_point(mean, log_std, beta):
+    """Eq. (13): C_beta(s) = min(log pi_0(mu - beta sigma | s), log pi_0(mu + beta sigma | s))."""
+    std = jnp.exp(log_std)
+    low = squashed_log_prob(mean - beta * std, mean, log_std)
+    high = squashed_log_prob(mean + beta * std, mean, log_std)
+    return jnp.minimum(low, high)
+
+
+def beta_clip(log_pi0, clip_at):
+    """Eq. (12): CLIP_beta(log pi_0) = softplus(log pi_0 - C_beta) + C_beta, a smooth lower clip
+    at C_beta (values well above it are unchanged, those below end in [C, C + log 2])."""
+    return jax.nn.softplus(log_pi0 - clip_at) + clip_at
+
+
+def k_schedule(step, k_init, k_decay_episodes, k_min):
+    """Critic interpolation weight after `step` gradient steps of k <- max(k - k0/(K 1000), k_min)
+    (Appendix A.2.2, the authors' decay), in closed form."""
+    return jnp.maximum(k_init - step * k_init / (k_decay_episodes * 1000.0), k_min)
+
+
+# ================================================================================================
+# Offline phase: SAC+ML (or CQL) with the Z baselines (Algorithm 1)
+# ================================================================================================
+
+
+def twin(net, params, *inputs):
+    """Both members of a twin pair: params [2, ...] -> outputs [2, ...]."""
+    return jax.vmap(net.apply, in_axes=(0, *[None] * len(inputs)))(params, *inputs)
+
+
+@struct.dataclass
+class OfflineState:
+    actor: TrainState
+    critic: TrainState  # twin Q_mu: leading axis 2
+    critic_target: dict
+    log_alpha: TrainState
+    baseline: TrainState  # twin Z_psi: leading axis 2
+    key: jax.Array
+
+
+def create_offline_state(args: Args, actor, critic, baseline, obs_dim, action_dim, key):
+    actor_key, critic_key, z_key, key = jax.random.split(key, 4)
+    obs, act = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
+    cql = args.offline_algo == "cql"
+    actor_lr = args.offline_actor_lr or (1e-4 if cql else 3e-4)
+    alpha_lr = args.offline_alpha_lr or (1e-4 if cql else 3e-4)
+    critic_params = jax.vmap(lambda k: critic.init(k, obs, act))(jax.random.split(critic_key))
+    z_params = jax.vmap(lambda k: baseline.init(k, obs))(jax.random.split(z_key))
+    return OfflineState(
+        actor=TrainState.create(
+            apply_fn=None, params=actor.init(actor_key, obs), tx=optax.adam(actor_lr)
+        ),
+        critic=TrainState.create(
+            apply_fn=None, params=critic_params, tx=optax.adam(args.critic_lr)
+        ),
+        critic_target=jax.tree_util.tree_map(jnp.copy, critic_params),
+        log_alpha=TrainState.create(
+            apply_fn=None, params={"v": jnp.float32(0.0)}, tx=optax.adam(alpha_lr)
+        ),
+        baseline=TrainState.create(apply_fn=None, params=z_params, tx=optax.adam(args.z_lr)),
+        key=key,
+    )
+
+
+def ml_actor_loss(log_prob_data, q_pi, log_pi, alpha, weight):
+    """Eq. (4): E[-log pi(a|s) - lambda (Q(s,b) - alpha log pi(b|s))], lambda = w / mean|Q(s,b)|
+    carrying no gradient. Returns (loss, lambda)."""
+    lam = weight / jax.lax.stop_gradient(jnp.abs(q_pi).mean())
+    return (-log_prob_data).mean() + lam * (alpha * log_pi - q_pi).mean(), lam
+
+
+def baseline_target(rewards, terminals, log_pi_next, z_next, alpha, gamma):
+    """y of Eq. (8)-(9) as in the authors' code: r + gamma (1-d) [log pi(a'|s') + min_i Z_i(s')
+    - alpha log pi(a'|s')]. z_next [2, B] (no target network)."""
+    return rewards + gamma * (1 - terminals) * (log_pi_next + z_next.min(0) - alpha * log_pi_next)
+
+
+def baseline_loss(z, log_pi_data, target):
+    """Eq. (8): sum_i E[(log pi(a|s) + Z_i(s) - y)^2], semi-gradient (y held fixed)."""
+    return ((log_pi_data[None] + z - jax.lax.stop_gradient(target)[None]) ** 2).mean(-1).sum()
+
+
+# The CQL(H) regulariser, identical to the one in off2on_balanced.py / bred.py (a test checks).
+def cql_regularizer(q_data, q_rand, q_curr, q_next, logp_curr, logp_next, action_dim, temperature):
+    """[CoRL] Eq. (3) / [BRED] Eq. (4): the CQL(H) gap E_s[log sum_a exp Q(s,a) - E_data Q(s,a)],
+    with the log-sum-exp estimated
+    by importance sampling as in the CQL authors' code (CQL(H)): uniform actions (density
+    0.5^|A| on [-1,1]^|A|), actions of pi(.|s) and of pi(.|s') evaluated at s.
+    q_data [2, B]; q_rand, q_curr, q_next [2, n, B]; logp_* [n, B]. Returns [2] (per critic)."""
+    log_uniform_density = action_dim * math.log(0.5)
+    stacked = jnp.concatenate(
+        [q_rand - log_uniform_density, q_next - logp_next[None], q_curr - logp_curr[None]], axis=1
+    )  # [2, 3n, B]
+    logsumexp = temperature * jax.nn.logsumexp(stacked / temperature, axis=1)  # [2, B]
+    return logsumexp.mean(-1) - q_data.mean(-1)
+
+
+def make_offline_update(args: Args, actor, critic, baseline, action_dim: int):
+    """(state, batch) -> (state, metrics): one step of Algorithm 1 (alpha, critics, actor, Z)."""
+    target_entropy = -float(action_dim)
+    cql, n = args.offline_algo == "cql", args.cql_n_actions
+
+    def update(state: OfflineState, batch: dict):
+        key, k_alpha, k_next, k_pi, k_rand, k_curr, k_cnext = jax.random.split(state.key, 7)
+        obs, actions, next_obs = batch["observations"], batch["actions"], batch["next_observations"]
+        mean, log_std = actor.apply(state.actor.params, obs)
+        next_mean, next_log_std = actor.apply(state.actor.params, next_obs)
+
+        # Temperature, Eq. (6).
+        logp = squashed_log_prob(sample_pre_tanh(mean, log_std, k_alpha), mean, log_std)
+        alpha_grads = jax.grad(
+            lambda p: -(jnp.exp(p["v"]) * jax.lax.stop_gradient(logp + target_entropy)).mean()
+        )(state.log_alpha.params)
+        log_alpha = state.log_alpha.apply_gradients(grads=alpha_grads)
+        alpha = jnp.exp(log_alpha.params["v"])
+
+        # Critics, Eq. (5): clipped double-Q soft target (plus the CQL gap with --offline-algo cql).
+        u_next = sample_pre_tanh(next_mean, next_log_std, k_next)
+        logp_next = squashed_log_prob(u_next, next_mean, next_log_std)
+        next_q = twin(critic, state.critic_target, next_obs, jnp.tanh(u_next)).min(0)
+        target = jax.lax.stop_gradient(
+            batch["rewards"] + args.gamma * (1 - batch["terminals"]) * (next_q - alpha * logp_next)
+        )
+        if cql:  # 3n extra action sets at the batch states: uniform, pi(.|s), pi(.|s')
+            u_curr = sample_pre_tanh(mean, log_std, k_curr, (n,))
+            u_cnext = sample_pre_tanh(next_mean, next_log_std, k_cnext, (n,))
+            rand = jax.random.uniform(k_rand, (n, *actions.shape), minval=-1, maxval=1)
+            all_actions = jnp.concatenate(
+                [actions[None], rand, jnp.tanh(u_curr), jnp.tanh(u_cnext)]
+            )
+            logp_curr = squashed_log_prob(u_curr, mean, log_std)
+            logp_cnext = squashed_log_prob(u_cnext, next_mean, next_log_std)
+            all_actions, logp_curr, logp_cnext = jax.lax.stop_gradient(
+                (all_actions, logp_curr, logp_cnext)
+            )
+        else:
+            all_actions = actions[None]
+
+        def critic_loss_fn(params):
+            all_obs = jnp.broadcast_to(obs, (all_actions.shape[0], *obs.shape))
+            q_all = twin(critic, params, all_obs, all_actions)  # [2, 1 (+3n), B]
+            q = q_all[:, 0]
+            loss = ((q - target[None]) ** 2).mean(-1).sum()
+            gap = jnp.zeros(2)
+            if cql:
+                gap = cql_regularizer(
+                    q, q_all[:, 1 : n + 1], q_all[:, n + 1 : 2 * n + 1], q_all[:, 2 * n + 1 :],
+                    logp_curr, logp_cnext, action_dim, 1.0,
+                )  # fmt: skip
+                loss = loss + args.cql_weight * gap.sum()
+            return loss, (q, gap)
+
+        (critic_loss, (q, gap)), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
+            state.critic.params
+        )
+        critic_state = state.critic.apply_gradients(grads=grads)
+
+        # Actor, Eq. (4) (SAC+ML) or the SAC actor loss (CQL).
+        def actor_loss_fn(params):
+            mean, log_std = actor.apply(params, obs)
+            u = sample_pre_tanh(mean, log_std, k_pi)
+            log_pi = squashed_log_prob(u, mean, log_std)
+            q_pi = twin(critic, critic_state.params, obs, jnp.tanh(u)).min(0)
+            nll = -squashed_log_prob(pre_tanh(actions), mean, log_std)
+            if cql:
+                return (alpha * log_pi - q_pi).mean(), (log_pi, nll, jnp.float32(1.0))
+            loss, lam = ml_actor_loss(-nll, q_pi, log_pi, alpha, args.ml_weight)
+            return loss, (log_pi, nll, lam)
+
+        (actor_loss, (log_pi, nll, lam)), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(
+            state.actor.params
+        )
+        actor_state = state.actor.apply_gradients(grads=grads)
+
+        # Baselines Z, Eq. (8)-(9), on the current policy's log-densities (with CQL, log pi is
+        # clipped at 0 from below, Sec. 6.3).
+        log_pi_data = squashed_log_prob(pre_tanh(actions), mean, log_std)
+        log_pi_next = logp_next
+        if cql:
+            log_pi_data, log_pi_next = jnp.maximum(log_pi_data, 0.0), jnp.maximum(logp_next, 0.0)
+        z_next = twin(baseline, state.baseline.params, next_obs)
+        y = baseline_target(
+            batch["rewards"], batch["terminals"], log_pi_next, z_next, alpha, args.gamma
+        )
+
+        def z_loss_fn(params):
+            z = twin(baseline, params, obs)  # [2, B]
+            return baseline_loss(z, jax.lax.stop_gradient(log_pi_data), y), z
+
+        (z_loss, z), grads = jax.value_and_grad(z_loss_fn, has_aux=True)(state.baseline.params)
+        baseline_state = state.baseline.apply_gradients(grads=grads)
+
+        metrics = {
+            "critic_loss": critic_loss,
+            "actor_loss": actor_loss,
+            "nll": nll.mean(),  # -log pi(a_data|s), the ML term
+            "lambda": lam,
+            "alpha": alpha,
+            "entropy": -log_pi.mean(),
+            "q_mean": q.mean(),
+            "z_loss": z_loss,
+            "z_mean": z.mean(),
+            "cql_gap": gap.mean(),
+        }
+        state = OfflineState(
+            actor=actor_state,
+            critic=critic_state,
+            critic_target=optax.incremental_update(
+                critic_state.params, state.critic_target, args.tau
+            ),
+            log_alpha=log_alpha,
+            baseline=baseline_state,
+            key=key,
+        )
+        return state, metrics
+
+    return update
+
+
+# ================================================================================================
+# Alignment (Algorithm 2) and the online phase (Algorithm 3)
+# ================================================================================================
+
+
+def align_critic(z_params, obs_dim: int, action_dim: int):
+    """Algorithm 2: critic parameters R(s,a) equal to Z(s) for every action: Z's weights, with
+    zero first-layer rows for the action inputs (the critic reads concat[obs, action])."""
+
+    def widen(kernel):  # [..., obs_dim, width] -> [..., obs_dim + action_dim, width]
+        zeros = jnp.zeros((*kernel.shape[:-2], action_dim, kernel.shape[-1]), kernel.dtype)
+        return jnp.concatenate([kernel, zeros], axis=-2)
+
+    params = jax.tree_util.tree_map(jnp.copy, z_params)
+    first = params["params"]["MLP_0"]["Dense_0"]
+    assert first["kernel"].shape[-2] == obs_dim, "Z's first layer must read the observation"
+    first["kernel"] = widen(first["kernel"])
+    return params
+
+
+@struct.dataclass
+class OnlineState:
+    actor: TrainState
+    actor_0: dict  # the frozen offline policy pi_0
+    critic: TrainState  # twin R_phi (or Q for sac/bc-only): leading axis 2
+    critic_target: dict
+    log_alpha: TrainState
+    buffer: ReplayBuffer
+    key: jax.Array
+    step: jax.Array  # online gradient steps taken (drives k)
+
+
+def create_online_state(args: Args, offline: OfflineState, obs_dim, action_dim, buffer, key):
+    """Alignment (Algorithm 2) for the ACA variants; SAC -> SAC keeps the offline agent."""
+    aca_critic = args.finetune == "aca"
+    critic_params = (
+        align_critic(offline.baseline.params, obs_dim, action_dim)
+        if aca_critic
+        else offline.critic.params
+    )
+    copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # noqa: E731 - own buffers (donation)
+    if args.finetune == "sac":
+        critic_target, log_alpha, actor_tx = offline.critic_target, offline.log_alpha.params, None
+    else:  # reset the temperature to 1 (Algorithm 2)
+        critic_target, log_alpha = critic_params, {"v": jnp.float32(0.0)}
+        actor_tx = optax.clip_by_global_norm(args.actor_grad_clip) if args.actor_grad_clip else None
+    adam = optax.adam(args.online_lr)
+    return OnlineState(
+        actor=TrainState.create(
+            apply_fn=None,
+            params=copy(offline.actor.params),
+            tx=optax.chain(actor_tx, adam) if actor_tx else adam,
+        ),
+        actor_0=copy(offline.actor.params),
+        critic=TrainState.create(apply_fn=None, params=copy(critic_params), tx=adam),
+        critic_target=copy(critic_target),
+        log_alpha=TrainState.create(apply_fn=None, params=copy(log_alpha), tx=adam),
+        buffer=buffer,
+        key=key,
+        step=jnp.int32(0),
+    )
+
+
+def make_online_update(args: Args, settings: OnlineSettings, actor, critic, action_dim: int):
+    """(state, batch, key) -> (state, metrics): one update of Algorithm 3 (or of a baseline)."""
+    target_entropy = -float(action_dim)
+    prior_in_critic = args.finetune in ("aca", "r-init-q")  # Q = k CLIP(log pi_0) + R, Eq. (19)
+    prior_in_actor = args.finetune != "sac"
+
+    def clipped_log_pi0(actor_0, obs, u):
+        """CLIP_beta(log pi_0(tanh(u)|s)) (Eq. 12-13) and whether the clip is active."""
+        mean0, log_std0 = actor.apply(actor_0, obs)
+        log_pi0 = squashed_log_prob(u, mean0, log_std0)
+        clip_at = beta_clip_point(mean0, log_std0, settings.beta)
+        return beta_clip(log_pi0, clip_at), log_pi0 < clip_at
+
+    def update(state: OnlineState, batch: dict, key):
+        k_alpha, k_next, k_pi = jax.random.split(key, 3)
+        obs, actions, next_obs = batch["observations"], batch["actions"], batch["next_observations"]
+        k = k_schedule(
+            state.step.astype(jnp.float32), settings.k_init, settings.k_decay_episodes,
+            settings.k_min,
+        )  # fmt: skip
+        mean, log_std = actor.apply(state.actor.params, obs)
+
+        # Temperature, Eq. (6).
+        logp = squashed_log_prob(sample_pre_tanh(mean, log_std, k_alpha), mean, log_std)
+        alpha_grads = jax.grad(
+            lambda p: -(jnp.exp(p["v"]) * jax.lax.stop_gradient(logp + target_entropy)).mean()
+        )(state.log_alpha.params)
+        log_alpha = state.log_alpha.apply_gradients(grads=alpha_grads)
+        alpha = jnp.exp(log_alpha.params["v"])
+
+        # Critics, Eq. (21)-(22): y = r + gamma (1-d) [min R_targ(s',a') + k CLIP(log pi_0(a'|s'))
+        # - alpha log pi(a'|s')], and Q_i(s,a) = k CLIP(log pi_0(a|s)) + R_i(s,a).
+        next_mean, next_log_std = actor.apply(state.actor.params, next_obs)
+        u_next = sample_pre_tanh(next_mean, next_log_std, k_next)
+        logp_next = squashed_log_prob(u_next, next_mean, next_log_std)
+        next_q = twin(critic, state.critic_target, next_obs, jnp.tanh(u_next)).min(0)
+        prior_data = jnp.zeros_like(batch["rewards"])
+        if prior_in_critic:
+            next_q = next_q + k * clipped_log_pi0(state.actor_0, next_obs, u_next)[0]
+            prior_data = k * clipped_log_pi0(state.actor_0, obs, pre_tanh(actions))[0]
+        target = jax.lax.stop_gradient(
+            batch["rewards"] + args.gamma * (1 - batch["terminals"]) * (next_q - alpha * logp_next)
+        )
+
+        def critic_loss_fn(params):
+            r = twin(critic, params, obs, actions)  # [2, B]
+            return (((prior_data[None] + r) - target[None]) ** 2).mean(-1).sum(), r
+
+        (critic_loss, r), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
+            state.critic.params
+        )
+        critic_state = state.critic.apply_gradients(grads=grads)
+
+        # Actor, Eq. (20): E[alpha log pi(b|s) - (min R(s,b) + k CLIP(log pi_0(b|s)))].
+        def actor_loss_fn(params):
+            mean, log_std = actor.apply(params, obs)
+            u = sample_pre_tanh(mean, log_std, k_pi)
+            log_pi = squashed_log_prob(u, mean, log_std)
+            q_pi = twin(critic, critic_state.params, obs, jnp.tanh(u)).min(0)
+            prior, clipped = jnp.zeros_like(log_pi), jnp.zeros_like(log_pi, bool)
+            if prior_in_actor:
+                prior, clipped = clipped_log_pi0(state.actor_0, obs, u)
+                q_pi = q_pi + k * prior
+            return (alpha * log_pi - q_pi).mean(), (log_pi, prior, clipped)
+
+        (actor_loss, (log_pi, prior, clipped)), grads = jax.value_and_grad(
+            actor_loss_fn, has_aux=True
+        )(state.actor.params)
+        actor_state = state.actor.apply_gradients(grads=grads)
+
+        metrics = {
+            "updated": jnp.float32(1.0),  # 0 on env steps before the buffer holds a batch
+            "critic_loss": critic_loss,
+            "actor_loss": actor_loss,
+            "actor_grad_norm": optax.global_norm(grads),  # before the clip
+            "alpha": alpha,
+            "entropy": -log_pi.mean(),
+            "k": k,
+            "r_mean": r.mean(),  # R(s,a) at data actions
+            "q_mean": (prior_data[None] + r).mean(),  # the full Q(s,a) of Eq. (19)
+            "log_pi0": prior.mean(),  # CLIP(log pi_0) at the policy's actions
+            "clip_active": clipped.mean(),  # share of those below C_beta(s)
+        }
+        state = state.replace(
+            actor=actor_state,
+            critic=critic_state,
+            critic_target=optax.incremental_update(
+                critic_state.params, state.critic_target, args.tau
+            ),
+            log_alpha=log_alpha,
+            step=state.step + 1,
+        )
+        return state, metrics
+
+    return update
+
+
+def make_env_step(args: Args, settings: OnlineSettings, actor, critic, action_dim: int):
+    """One jitted call per env step: store the transition, update once (once the buffer holds a
+    batch, as d3rlpy does), and sample the next action from the policy."""
+    online_update = make_online_update(args, settings, actor, critic, action_dim)
+
+    def env_step_update(state: OnlineState, transition, next_obs):
+        state = state.replace(buffer=state.buffer.add(transition))
+        key, batch_key, update_key, act_key = jax.random.split(state.key, 4)
+        state = state.replace(key=key)
+        batch, _ = state.buffer.sample(batch_key, args.batch_size)
+        update = lambda s: online_update(s, batch, update_key)  # noqa: E731
+        zeros = jax.tree_util.tree_map(
+            lambda m: jnp.zeros(m.shape, m.dtype), jax.eval_shape(update, state)[1]
+        )
+        state, metrics = jax.lax.cond(
+            state.buffer.size >= args.batch_size, update, lambda s: (s, zeros), state
+        )
+        mean, log_std = actor.apply(state.actor.params, next_obs)
+        next_action = jnp.tanh(sample_pre_tanh(mean, log_std, act_key))
+        return state, next_action, metrics
+
+    return jax.jit(env_step_update, donate_argnums=0)
+
+
+def top_trajectories(transitions: dict, episode_ids, episode_returns, n: int) -> dict:
+    """The transitions of the n offline episodes with the highest returns (Algorithm 3)."""
+    best = np.argsort(-np.asarray(episode_returns), kind="stable")[:n]
+    rows = np.flatnonzero(np.isin(np.asarray(episode_ids), best))
+    return jax.tree_util.tree_map(lambda x: x[rows], transitions)
+
+
+# ================================================================================================
+# Main
+# ================================================================================================
+
+
+def main(args: Args) -> dict:
+    if args.offline_steps % args.log_every or args.offline_eval_every % args.log_every:
+        raise DatasetError(
+            "--offline-steps and --offline-eval-every must be multiples of --log-every"
+        )
+    if args.online_steps % args.log_every or args.eval_every % args.log_every:
+        raise DatasetError("--online-steps and --eval-every must be multiples of --log-every")
+    if args.resume and args.run_dir is None:
+        raise DatasetError("--resume needs --run-dir (the directory of the run to continue)")
+    _, split = parse_name(args.env)
+    settings = online_settings(args, split)
+    data = load_d4rl(args.env, allow_generate=not args.no_generate)
+    env_name = data.info.env
+    run_dir = (
+        pathlib.Path(args.run_dir) if args.run_dir else make_run_dir(args.env, "aca", args.seed)
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, offline_path = run_dir / "checkpoint.npz", run_dir / "offline.npz"
+    offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
+    obs_dim, action_dim = offline["observations"].shape[1], offline["actions"].shape[1]
+    actor = TanhGaussianPolicy(action_dim, args.hidden_dims)
+    critic, baseline = Critic(args.hidden_dims), ValueNet(args.hidden_dims)
+    key = jax.random.PRNGKey(args.seed)
+    key, init_key, online_key = jax.random.split(key, 3)
+    state = create_offline_state(args, actor, critic, baseline, obs_dim, action_dim, init_key)
+    deterministic = jax.jit(lambda p, o: jnp.tanh(actor.apply(p, o)[0]))
+
+    def eval_metrics(params, seed):
+        return evaluate(env_name, lambda o: deterministic(params, o), args.eval_episodes, seed)
+
+    progress = {"phase": "offline", "offline_step": 0}
+    resumed = args.resume and ckpt_path.exists()
+    if resumed:
+        progress = read_checkpoint_metadata(ckpt_path)
+    resume_step = (
+        progress["offline_step"]
+        if progress["phase"] == "offline"
+        else args.offline_steps + progress["env_steps"]
+    )
+    logger = Logger(run_dir, config=args, resume_step=resume_step if resumed else None)
+
+    # ---------------------------------------------------------------- offline: Algorithm 1
+    if args.offline_checkpoint or (resumed and progress["phase"] == "online"):
+        source = pathlib.Path(args.offline_checkpoint) if args.offline_checkpoint else offline_path
+        state, meta = load_checkpoint(source, state)
+        print(f"offline agent loaded from {source} ({meta.get('offline_algo', '?')})")
+    elif args.offline_steps > 0:
+        if resumed:
+            state, progress = load_checkpoint(ckpt_path, state)
+            print(f"resumed offline phase at step {progress['offline_step']}")
+        offline_update = make_offline_update(args, actor, critic, baseline, action_dim)
+
+        @jax.jit
+        def offline_chunk(state, data):
+            def body(state, _):
+                key, batch_key = jax.random.split(state.key)
+                idx = jax.random.randint(batch_key, (args.batch_size,), 0, data["rewards"].shape[0])
+                batch = jax.tree_util.tree_map(lambda x: x[idx], data)
+                return offline_update(state.replace(key=key), batch)
+
+            state, metrics = jax.lax.scan(body, state, None, length=args.log_every)
+            return state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+        bar = tqdm(
+            range(progress["offline_step"], args.offline_steps, args.log_every),
+            desc=f"offline {args.offline_algo}", unit_scale=args.log_every,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        )  # fmt: skip
+        for step in bar:
+            state, metrics = offline_chunk(state, offline)
+            step += args.log_every
+            logger.log(step, metrics, prefix="offline/")
+            if step % args.offline_eval_every == 0 or step == args.offline_steps:
+                result = eval_metrics(state.actor.params, args.seed + step)
+                logger.log(step, result.metrics(), prefix="eval/")
+                bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+            if step % args.checkpoint_every == 0 or step == args.offline_steps:
+                save_checkpoint(ckpt_path, state, {"phase": "offline", "offline_step": step})
+                if args.stop_after == step:
+                    raise SystemExit(f"stopped after offline step {step} (--stop-after)")
+        save_checkpoint(
+            offline_path, state,
+            {"offline_steps": args.offline_steps, "offline_algo": args.offline_algo},
+        )  # fmt: skip
+    if not resumed or progress["phase"] == "offline":
+        progress = {"phase": "online", "env_steps": 0}
+    before = eval_metrics(state.actor.params, args.seed + 10**6)
+    print(f"after offline pretraining: normalized score {before.mean_normalized:.1f}")
+
+    # ---------------------------------------------------------------- alignment + online
+    example = jax.tree_util.tree_map(lambda x: x[0], offline)
+    if settings.offline_data == "none" or (settings.offline_data == "topn" and not settings.top_n):
+        buffer = ReplayBuffer.create(example, args.buffer_size)
+    else:
+        initial = offline
+        if settings.offline_data == "topn":
+            initial = top_trajectories(
+                offline, data.episode_ids, data.episode_returns, settings.top_n
+            )
+        num = min(jax.tree_util.tree_leaves(initial)[0].shape[0], args.buffer_size)
+        buffer = ReplayBuffer.from_data(
+            jax.tree_util.tree_map(lambda x: x[-num:], initial), args.buffer_size
+        )
+    print(
+        f"fine-tuning: {args.finetune}, beta {settings.beta:g}, k {settings.k_init:g} -> "
+        f"{settings.k_min:g} (K={settings.k_decay_episodes:g}), buffer starts with "
+        f"{int(buffer.size)} offline transitions ({settings.offline_data}"
+        + (f", top {settings.top_n} episodes)" if settings.offline_data == "topn" else ")")
+    )
+    online = create_online_state(args, state, obs_dim, action_dim, buffer, online_key)
+    env = OnlineEnv(env_name, args.seed)
+    if resumed and progress["env_steps"] > 0:
+        online, progress = load_checkpoint(ckpt_path, online)
+        env.load_state_dict(progress["env"])
+        action = np.asarray(progress["action"], np.float32)
+        print(f"resumed online phase at env step {progress['env_steps']}")
+    else:  # the first action: a sample of the pretrained policy
+        mean, log_std = actor.apply(online.actor.params, jnp.asarray(env.obs))
+        action = np.asarray(
+            jnp.tanh(sample_pre_tanh(mean, log_std, jax.random.fold_in(online_key, 0)))
+        )
+    step_fn = make_env_step(args, settings, actor, critic, action_dim)
+    start = progress["env_steps"]
+    bar = tqdm(
+        range(start, args.online_steps), initial=start, total=args.online_steps,
+        desc=f"online {args.finetune}", mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )  # fmt: skip
+    window = []  # the metrics since the last log, still on the device
+    for step in bar:
+        env_steps = step + 1
+        global_step = args.offline_steps + env_steps
+        transition, finished = env.step(action)
+        if finished:
+            logger.log(global_step, finished, prefix="train/")
+        online, action, metrics = step_fn(online, transition, jnp.asarray(env.obs))
+        action = np.asarray(action)
+        window.append(metrics)
+        if env_steps % args.log_every == 0:  # means over the steps that ran an update
+            updated = jnp.stack([m["updated"] for m in window])
+            means = {
+                k: (jnp.stack([m[k] for m in window]) * updated).sum() / updated.sum()
+                for k in window[0]
+                if k != "updated"
+            }
+            if updated.sum() > 0:
+                logger.log(global_step, means | {"updates": updated.sum()}, prefix="online/")
+            window = []
+        if env_steps % args.eval_every == 0:
+            result = eval_metrics(online.actor.params, args.seed + env_steps)
+            logger.log(global_step, result.metrics(), prefix="eval/")
+            bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+        if env_steps % args.checkpoint_every == 0 or env_steps == args.online_steps:
+            progress = {"phase": "online", "env_steps": env_steps, "env": env.state_dict(),
+                        "action": action.tolist()}  # fmt: skip
+            save_checkpoint(ckpt_path, online, progress)
+            if args.stop_after == global_step:
+                raise SystemExit(f"stopped after global step {global_step} (--stop-after)")
+
+    after = eval_metrics(online.actor.params, args.seed + 2 * 10**6)
+    logger.log(args.offline_steps + args.online_steps, after.metrics(), prefix="eval/")
+    summary = {
+        "env": args.env,
+        "dataset": data.info.minari_id,
+        "finetune": args.finetune,
+        "offline_algo": args.offline_algo,
+        "normalized_score_before_finetuning": before.mean_normalized,
+        "normalized_score_after_finetuning": after.mean_normalized,
+        "return_after_finetuning": after.mean_return,
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    logger.close()
+    print(
+        f"normalized score: {before.mean_normalized:.1f} before fine-tuning, "
+        f"{after.mean_normalized:.1f} after {args.online_steps} online steps; run dir {run_dir}"
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except DatasetError as err:
+        raise SystemExit(f"error: {err}") from None
