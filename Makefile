@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 ENV ?= hopper
 
-.PHONY: install test test-slow lint demo datasets bench-buffers bench-datasets bench-throughput clean
+.PHONY: install test test-slow lint demo datasets bench-smoke bench-buffers bench-datasets bench-throughput clean
 
 # The main job at a demo budget (~15 min on 2 CPU cores, dataset generation included): one method
 # end to end, printing the normalized score before and after fine-tuning. The paper protocol is
@@ -43,6 +43,13 @@ datasets: install
 	$(PY) benchmarks/make_datasets.py --env $(ENV)
 	for split in random medium medium-replay medium-expert expert; do \
 		$(PY) -m common.datasets verify $(ENV)-$$split-v2 || exit 1; done
+
+# Every benchmark suite at the smoke budget (tiny datasets, seconds per run), then the reports
+# (benchmarks/results/<suite>/smoke/, git-ignored). CI runs it. Larger budgets:
+#   python -m benchmarks.run SUITE --budget cpu|paper, then python -m benchmarks.report SUITE ...
+bench-smoke: install
+	$(PY) -m benchmarks.run all --budget smoke --workers 2 --root runs/bench
+	$(PY) -m benchmarks.report all --budget smoke --root runs/bench
 
 bench-datasets: install
 	$(PY) benchmarks/bench_datasets.py --env $(ENV) --out benchmarks/results/bench_datasets_$(ENV).json

@@ -1,0 +1,277 @@
+"""Report a benchmark sweep beside the papers' numbers.
+
+    python -m benchmarks.report td3c_table1 --budget cpu
+    python -m benchmarks.report all --budget smoke
+
+For every (variant, dataset) of the suite: the D4RL-normalized score at the end of pretraining,
+at the end of fine-tuning, the improvement delta, and the lowest score in the first 10% of
+fine-tuning (the policy-collapse measure: the minimum over the evaluations at online steps
+<= 10% of the budget, or the first online evaluation if none falls that early), each as
+mean +- std over the finished seeds, beside the paper's offline -> online (delta) from
+`benchmarks/reference/`. Then per variant the IQM of the final scores over all (dataset, seed)
+runs with a 95% stratified-bootstrap confidence interval (rliable), and one learning-curve PNG
+per dataset (mean +- std over seeds against online env steps; dashed: the paper's final score).
+
+Writes `report.md`, `runs.csv` (one row per run), `summary.csv` (one row per variant and
+dataset), `aggregate.csv` and `curves/<dataset>.png` under
+`benchmarks/results/<suite>/<budget>/` (or `--out`).
+"""
+
+import argparse
+import csv
+import io
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+
+from benchmarks.sweep import (
+    BUDGETS,
+    DEFAULT_ROOT,
+    REFERENCE_DIR,
+    REPO,
+    SweepError,
+    expand,
+    known_suites,
+    load_suite,
+    status,
+)
+
+SCORE = "eval/normalized_score"
+
+
+def read_run(job) -> dict | None:
+    """Scores of one finished fine-tuning run, or None if it has not finished."""
+    if status(job) != "finished":
+        return None
+    summary = json.loads((job.run_dir / "summary.json").read_text())
+    config = json.loads((job.run_dir / "config.json").read_text())
+    offline_steps, online_steps = config["offline_steps"], config["online_steps"]
+    before = summary["normalized_score_before_finetuning"]
+    after = summary["normalized_score_after_finetuning"]
+    by_step = {}  # online env step -> score (the last evaluation logged at that step wins)
+    for line in (job.run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if SCORE in row and row["step"] > offline_steps:
+            by_step[row["step"] - offline_steps] = row[SCORE]
+    curve = [(0, before)] + sorted(by_step.items())
+    online = [(s, v) for s, v in curve if s > 0]
+    early = [v for s, v in online if s <= 0.1 * online_steps] or [v for _, v in online[:1]]
+    return {
+        "variant": job.variant,
+        "dataset": job.dataset,
+        "seed": job.seed,
+        "pretrained": before,
+        "finetuned": after,
+        "delta": after - before,
+        "early_min": min(early) if early else math.nan,
+        "online_steps": online_steps,
+        "curve": curve,
+    }
+
+
+def read_reference(suite) -> dict:
+    """(paper method, dataset) -> row of the suite's reference CSV."""
+    if not suite.reference:
+        return {}
+    with open(REFERENCE_DIR / suite.reference) as f:
+        return {(r["method"], r["dataset"]): r for r in csv.DictReader(f)}
+
+
+def mean_std(values) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+
+
+def paper_cell(ref: dict | None) -> str:
+    if not ref:
+        return "—"
+    return f"{float(ref['offline']):.1f} → {float(ref['online']):.1f} ({float(ref['delta']):+.1f})"
+
+
+def iqm_with_ci(scores: dict[str, np.ndarray], reps: int = 2000) -> dict:
+    """variant -> (IQM, CI low, CI high) of [runs, tasks] score matrices (rliable)."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    def aggregate(x):
+        return np.array([metrics.aggregate_iqm(x)])
+
+    points, intervals = rly.get_interval_estimates(scores, aggregate, reps=reps)
+    return {k: (float(points[k][0]), *map(float, intervals[k][:, 0])) for k in scores}
+
+
+def plot_curves(runs: list[dict], suite, refs: dict, out: pathlib.Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for dataset in suite.datasets:
+        here = [r for r in runs if r["dataset"] == dataset]
+        if not here:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for i, variant in enumerate(suite.variants):
+            curves = [r["curve"] for r in here if r["variant"] == variant.name]
+            if not curves:
+                continue
+            steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
+            values = np.array([[dict(c)[s] for s in steps] for c in curves])
+            mean, std = values.mean(0), values.std(0)
+            color = f"C{i}"
+            ax.plot(steps, mean, color=color, label=f"{variant.name} ({len(curves)} seeds)")
+            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+            ref = refs.get((variant.paper, dataset))
+            if ref:
+                ax.axhline(float(ref["online"]), color=color, ls="--", lw=0.8)
+        ax.set_title(dataset, fontsize=10)
+        ax.set_xlabel("online env steps")
+        ax.set_ylabel("normalized score")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{dataset}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path.name)
+    return written
+
+
+def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(buf.getvalue())
+    tmp.replace(path)
+
+
+def report(suite_name: str, budget_name: str, root: pathlib.Path, out: pathlib.Path | None):
+    suite = load_suite(suite_name)
+    budget = suite.budget(budget_name)
+    out = out or REPO / "benchmarks" / "results" / suite.name / budget.name
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [j for j in expand(suite, budget, root) if j.variant != "pretrain"]
+    runs = [r for r in map(read_run, jobs) if r is not None]
+    refs = read_reference(suite)
+    datasets = list(budget.datasets or suite.datasets)
+
+    rows = []
+    for dataset in datasets:
+        for variant in suite.variants:
+            mine = [r for r in runs if r["variant"] == variant.name and r["dataset"] == dataset]
+            ref = refs.get((variant.paper, dataset))
+            rows.append(
+                {
+                    "variant": variant.name,
+                    "dataset": dataset,
+                    "seeds": len(mine),
+                    "pretrained": mean_std([r["pretrained"] for r in mine]),
+                    "finetuned": mean_std([r["finetuned"] for r in mine]),
+                    "delta": mean_std([r["delta"] for r in mine]),
+                    "early_min": mean_std([r["early_min"] for r in mine]),
+                    "paper": paper_cell(ref),
+                    "paper_method": variant.paper or "",
+                }
+            )
+    write_csv(out / "summary.csv", rows)
+    write_csv(
+        out / "runs.csv", [{k: v for k, v in r.items() if k != "curve"} for r in runs]
+    )  # fmt: skip
+
+    aggregate_rows = []
+    seeds = sorted(set(budget.seeds))
+    scores = {}
+    for variant in suite.variants:
+        complete = []
+        for dataset in datasets:
+            by_seed = {
+                r["seed"]: r["finetuned"]
+                for r in runs
+                if r["variant"] == variant.name and r["dataset"] == dataset
+            }
+            if all(s in by_seed for s in seeds):
+                complete.append([by_seed[s] for s in seeds])
+        if complete:
+            scores[variant.name] = np.array(complete).T  # [seeds, datasets]
+    if scores:
+        for name, (point, low, high) in iqm_with_ci(scores).items():
+            aggregate_rows.append(
+                {"variant": name, "tasks": scores[name].shape[1], "runs": scores[name].size,
+                 "iqm_final": round(point, 2), "ci_low": round(low, 2), "ci_high": round(high, 2)}
+            )  # fmt: skip
+    write_csv(out / "aggregate.csv", aggregate_rows)
+    pngs = plot_curves(runs, suite, refs, out / "curves")
+
+    lines = [
+        f"# {suite.title} — budget `{budget.name}`",
+        "",
+        f"Budget: {budget.description}. Algorithm file: `algorithms/{suite.script}`; "
+        f"{len(runs)} finished fine-tuning runs under `{root}`.",
+        "",
+        "D4RL normalized scores, mean ± std over seeds. *pretrained*: end of offline training; "
+        "*fine-tuned*: end of the online budget; *lowest early*: lowest evaluation in the first "
+        "10% of fine-tuning (policy collapse). *paper*: offline → online (δ) from "
+        f"`benchmarks/reference/{suite.reference}` (see its README for the source and protocol).",
+        "",
+        "| dataset | variant | seeds | pretrained | fine-tuned | δ | lowest early | paper |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['variant']} | {r['seeds']} | {r['pretrained']} | "
+            f"{r['finetuned']} | {r['delta']} | {r['early_min']} | {r['paper']} |"
+        )
+    lines += ["", "## Aggregate (IQM of final scores, 95% stratified bootstrap CI, rliable)", ""]
+    if aggregate_rows:
+        lines += ["| variant | tasks | runs | IQM | 95% CI |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {a['variant']} | {a['tasks']} | {a['runs']} | {a['iqm_final']:.1f} | "
+            f"[{a['ci_low']:.1f}, {a['ci_high']:.1f}] |"
+            for a in aggregate_rows
+        ]
+    else:
+        lines.append("No variant has every seed of any dataset finished yet.")
+    if pngs:
+        lines += ["", "## Learning curves", ""]
+        lines += [f"![{p[:-4]}](curves/{p})" for p in pngs]
+    tmp = out / "report.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out / "report.md")
+    return out, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Report benchmark suites (see module docstring).")
+    parser.add_argument("suites", nargs="+", help=f"suite names or 'all': {known_suites()}")
+    parser.add_argument("--budget", choices=BUDGETS, required=True)
+    parser.add_argument("--root", type=pathlib.Path, default=DEFAULT_ROOT)
+    parser.add_argument("--out", type=pathlib.Path, help="output folder (one suite only)")
+    args = parser.parse_args(argv)
+    names = known_suites() if args.suites == ["all"] else args.suites
+    if args.out and len(names) > 1:
+        print("error: --out takes one suite; drop it to write each under benchmarks/results/")
+        return 2
+    try:
+        for name in names:
+            out, rows = report(name, args.budget, args.root, args.out)
+            done = sum(r["seeds"] > 0 for r in rows)
+            print(f"{name}: {done}/{len(rows)} (variant, dataset) rows with results -> {out}")
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Run a benchmark suite: every (algorithm, dataset, seed) as its own process.
+
+    python -m benchmarks.run td3c_table1 --budget cpu
+    python -m benchmarks.run all --budget smoke --workers 2
+    python -m benchmarks.run aca_table2 --budget paper --datasets hopper-medium-v2 --seeds 0 1
+    python -m benchmarks.run aca_table2 --budget paper --backend ray --address auto
+
+Finished runs (with a `summary.json`) are skipped, interrupted ones resume from their
+checkpoints (`--resume`), and a run that died before its first checkpoint starts over. So a
+sweep killed at any point (Ctrl-C, `kill`, a lost machine) is continued by running the same
+command again; the algorithm files write checkpoints and results atomically, and a resumed run
+drops the log lines written after its last checkpoint. Fine-tuning jobs wait for the
+pretraining job they start from.
+
+Backends: `local` (default) runs `--workers` processes on this machine; `ray` submits each job
+as a Ray task (`--address auto` joins a running cluster, `--address local` starts a private
+instance). On a cluster the repository, its `.venv` and `--root` must be on a filesystem every
+node sees at the same path (datasets too: generate them first, `make datasets ENV=...`).
+Smoke budgets run on tiny random-action datasets generated under `<root>/tiny_datasets/`.
+"""
+
+import argparse
+import concurrent.futures
+import ctypes
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from tqdm import tqdm
+
+from benchmarks.sweep import (
+    BUDGETS,
+    DEFAULT_ROOT,
+    REPO,
+    Job,
+    SweepError,
+    check_job_record,
+    expand,
+    known_suites,
+    load_suite,
+    status,
+)
+
+_RUNNING: dict[str, subprocess.Popen] = {}  # local backend: job key -> process
+
+
+def _die_with_parent():  # runs in the child before exec: SIGTERM it if its parent thread dies
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the runner's signal handler still stops its children
+        pass
+
+
+def execute(job: Job, env: dict, python: str = sys.executable) -> int:
+    """Run one job to completion (or resume it); its output goes to <run_dir>/log.txt."""
+    check_job_record(job)
+    if status(job) == "new" and job.run_dir.exists():
+        shutil.rmtree(job.run_dir)  # an attempt that never reached a checkpoint: start over
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"argv": list(job.argv), "suite": job.suite}
+    tmp = job.run_dir / "job.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, job.run_dir / "job.json")
+    with open(job.run_dir / "log.txt", "a") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(job.command(python))}\n")
+        log.flush()
+        proc = subprocess.Popen(
+            job.command(python), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **env}, preexec_fn=_die_with_parent,
+        )  # fmt: skip
+        _RUNNING[job.key] = proc
+        try:
+            return proc.wait()
+        finally:
+            _RUNNING.pop(job.key, None)
+
+
+def prepare_datasets(jobs: list[Job], tiny_steps: int | None, root: pathlib.Path) -> dict:
+    """Make sure every dataset exists before jobs start (so parallel jobs never generate the
+    same one twice). Returns environment variables for the jobs."""
+    names = sorted({job.dataset for job in jobs})
+    if tiny_steps:
+        from common.datasets import GENERATED_NAMESPACE, make_tiny_dataset, parse_name
+
+        tiny_root = root / "tiny_datasets" / str(tiny_steps)
+        for name in names:
+            env, split = parse_name(name)
+            if not (tiny_root / GENERATED_NAMESPACE / env / f"{split}-v0").exists():
+                make_tiny_dataset(tiny_root, name, num_steps=tiny_steps, seed=0)
+        return {"MINARI_DATASETS_PATH": str(tiny_root)}
+    from common.datasets import DatasetError, generate_on_first_use, resolve
+
+    for name in names:
+        try:
+            resolve(name, allow_download=True)
+        except DatasetError:
+            generate_on_first_use(name)
+    return {}
+
+
+def schedule(jobs: list[Job], launch, wait_any, workers: int, bar) -> dict[str, str]:
+    """Run jobs respecting `after` dependencies, at most `workers` at once.
+    `launch(job) -> handle`; `wait_any(handles) -> {handle: return code}` for those done."""
+    outcome = {job.key: "finished" for job in jobs if status(job) == "finished"}
+    pending = [job for job in jobs if job.key not in outcome]
+    running = {}  # handle -> job
+    while pending or running:
+        for job in list(pending):
+            if job.after is not None and outcome.get(job.after, "").startswith(("failed", "skip")):
+                pending.remove(job)
+                outcome[job.key] = f"skipped (needs {job.after})"
+                bar.update(1)
+        ready = [j for j in pending if j.after is None or outcome.get(j.after) == "finished"]
+        for job in ready[: max(0, workers - len(running))]:
+            pending.remove(job)
+            running[launch(job)] = job
+        if not running:  # nothing can start: whatever is left waits on a job that never ran
+            for job in pending:
+                outcome[job.key] = f"skipped (needs {job.after})"
+                bar.update(1)
+            break
+        for handle, code in wait_any(list(running)).items():
+            job = running.pop(handle)
+            outcome[job.key] = "finished" if code == 0 else f"failed (exit {code})"
+            bar.update(1)
+            bar.write(f"{job.suite} {job.key}: {outcome[job.key]}{_scores(job)}")
+        bar.set_postfix(running=len(running), failed=sum("failed" in v for v in outcome.values()))
+    return outcome
+
+
+def _scores(job: Job) -> str:
+    path = job.run_dir / "summary.json"
+    if not path.exists():
+        return f" (log: {job.run_dir / 'log.txt'})"
+    summary = json.loads(path.read_text())
+    before = summary.get("normalized_score_before_finetuning")
+    after = summary.get("normalized_score_after_finetuning")
+    if before is None or after is None:
+        return ""
+    return f", normalized score {before:.1f} -> {after:.1f}"
+
+
+def local_backend(workers: int, env: dict):
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+
+    def launch(job):
+        return pool.submit(execute, job, env)
+
+    def wait_any(futures):
+        done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+        return {f: (f.result() if f.exception() is None else -1) for f in done}
+
+    return launch, wait_any, pool.shutdown
+
+
+def ray_backend(address: str, cpus_per_job: float, env: dict):
+    import ray
+
+    # Workers import this module from the repository (the same path on every node).
+    env_vars = {"PYTHONPATH": str(REPO)}
+    if "O2O_SUITES_DIR" in os.environ:
+        env_vars["O2O_SUITES_DIR"] = os.environ["O2O_SUITES_DIR"]
+    runtime_env = {"env_vars": env_vars}
+    if address == "local":
+        ray.init(include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+    else:
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+    remote_execute = ray.remote(num_cpus=cpus_per_job, max_retries=0)(execute)
+
+    def launch(job):
+        return remote_execute.remote(job, env, sys.executable)
+
+    def wait_any(refs):
+        done, _ = ray.wait(refs, num_returns=1)
+        out = {}
+        for ref in done:
+            try:
+                out[ref] = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - a lost worker fails this job only
+                print(f"ray task failed: {err}", file=sys.stderr)
+                out[ref] = -1
+        return out
+
+    return launch, wait_any, ray.shutdown
+
+
+def _stop_children(signum, _frame):
+    for proc in list(_RUNNING.values()):
+        proc.terminate()
+    deadline = time.time() + 10
+    for proc in list(_RUNNING.values()):
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run benchmark suites (see module docstring).")
+    parser.add_argument("suites", nargs="+", help=f"suite names or 'all': {known_suites()}")
+    parser.add_argument("--budget", choices=BUDGETS, required=True)
+    parser.add_argument(
+        "--root", type=pathlib.Path, default=DEFAULT_ROOT, help="run directory root"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="jobs at once (local backend)")
+    parser.add_argument("--backend", choices=("local", "ray"), default="local")
+    parser.add_argument("--address", default="local", help="ray: 'auto', 'local' or HOST:PORT")
+    parser.add_argument("--cpus-per-job", type=float, default=1.0, help="ray: CPUs per job")
+    parser.add_argument("--datasets", nargs="+", help="only these datasets of the suite(s)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="override the budget's seeds")
+    parser.add_argument("--dry-run", action="store_true", help="list the jobs and their status")
+    args = parser.parse_args(argv)
+    try:
+        names = known_suites() if args.suites == ["all"] else args.suites
+        suites = [load_suite(name) for name in names]
+        jobs, env = [], {}
+        for suite in suites:
+            budget = suite.budget(args.budget)
+            datasets = None
+            if args.datasets:
+                datasets = [d for d in args.datasets if d in suite.datasets]
+                if not datasets:
+                    continue
+            jobs += expand(suite, budget, args.root, datasets, args.seeds)
+        for job in jobs:
+            check_job_record(job)
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for job in jobs:
+            print(f"{status(job):12s} {job.suite} {job.key}  {job.run_dir}")
+        return 0
+    tiny = {load_suite(j.suite).budget(args.budget).tiny_datasets for j in jobs} - {None}
+    env = prepare_datasets(jobs, max(tiny) if tiny else None, args.root)
+    # Compiled XLA programs are cached across the sweep's processes (same shapes, same program).
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(args.root / "jax_cache"))
+    finished = sum(status(j) == "finished" for j in jobs)
+    print(f"{len(jobs)} jobs ({finished} already finished) -> {args.root}")
+    signal.signal(signal.SIGTERM, _stop_children)
+    signal.signal(signal.SIGINT, _stop_children)
+    if args.backend == "ray":
+        launch, wait_any, close = ray_backend(args.address, args.cpus_per_job, env)
+        workers = 10**6  # Ray's resources decide how many run at once
+    else:
+        launch, wait_any, close = local_backend(args.workers, env)
+        workers = args.workers
+    bar = tqdm(total=len(jobs), initial=finished, desc=f"{'+'.join(names)} [{args.budget}]")
+    try:
+        outcome = schedule(jobs, launch, wait_any, workers, bar)
+    finally:
+        bar.close()
+        close()
+    bad = {k: v for k, v in outcome.items() if v != "finished"}
+    for key, why in bad.items():
+        print(f"{key}: {why}", file=sys.stderr)
+    print(f"{len(outcome) - len(bad)}/{len(jobs)} jobs finished")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Benchmark suites (one TOML file per paper table under `benchmarks/suites/`) and the jobs they
+expand to. Shared by the runner (`python -m benchmarks.run`) and the report
+(`python -m benchmarks.report`).
+
+A suite names an algorithm file, its datasets, its variants (flag sets, e.g. `--finetune td3c`)
+and three budgets: `smoke` (seconds per run, tiny generated datasets), `cpu` (a few hours on a
+2-core machine) and `paper` (the paper's protocol: the algorithm's defaults). With
+`shared_pretraining`, each (dataset, seed) gets one pretraining job (`--online-steps 0`), and
+every variant fine-tunes from its `offline.npz`, so variants differ only in the online phase.
+
+Run directories: `<root>/<suite>/<budget>/<dataset>/seed<k>/<variant or "pretrain">/`. A job
+is finished when its `summary.json` exists (written atomically at the very end), interrupted
+when it has a `checkpoint.npz`, and new otherwise.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import tomllib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SUITES_DIR = REPO / "benchmarks" / "suites"
+REFERENCE_DIR = REPO / "benchmarks" / "reference"
+DEFAULT_ROOT = REPO / "runs" / "bench"
+BUDGETS = ("smoke", "cpu", "paper")
+
+
+class SweepError(ValueError):
+    """A user-facing problem with a suite or a sweep; one line saying how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    name: str
+    description: str
+    seeds: tuple[int, ...]
+    args: tuple[str, ...]
+    datasets: tuple[str, ...] | None  # None: all of the suite's datasets
+    tiny_datasets: int | None  # smoke: generate tiny random-action datasets of this many steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    args: tuple[str, ...]
+    paper: str | None  # the method's name in the reference CSV, if the paper reports it
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    name: str
+    title: str
+    script: str
+    datasets: tuple[str, ...]
+    variants: tuple[Variant, ...]
+    shared_pretraining: bool
+    reference: str | None
+    budgets: dict
+
+    def budget(self, name: str) -> Budget:
+        if name not in self.budgets:
+            raise SweepError(f"suite {self.name!r} has no budget {name!r}; known: {BUDGETS}")
+        return self.budgets[name]
+
+
+def suites_dir() -> pathlib.Path:
+    """benchmarks/suites, or $O2O_SUITES_DIR (your own suites, e.g. for a new method)."""
+    return pathlib.Path(os.environ.get("O2O_SUITES_DIR", SUITES_DIR))
+
+
+def known_suites() -> list[str]:
+    return sorted(p.stem for p in suites_dir().glob("*.toml"))
+
+
+def load_suite(name: str) -> Suite:
+    path = suites_dir() / f"{name}.toml"
+    if not path.exists():
+        raise SweepError(f"unknown suite {name!r}; known: {', '.join(known_suites())}")
+    raw = tomllib.loads(path.read_text())
+    budgets = {}
+    for key in BUDGETS:
+        b = raw["budgets"][key]
+        budgets[key] = Budget(
+            name=key,
+            description=b["description"],
+            seeds=tuple(b["seeds"]),
+            args=tuple(b["args"]),
+            datasets=tuple(b["datasets"]) if "datasets" in b else None,
+            tiny_datasets=b.get("tiny_datasets"),
+        )
+        unknown = set(budgets[key].datasets or ()) - set(raw["datasets"])
+        if unknown:
+            raise SweepError(
+                f"{path.name}: budget {key} names datasets outside the suite: {unknown}"
+            )
+    variants = tuple(
+        Variant(name, tuple(v["args"]), v.get("paper")) for name, v in raw["variants"].items()
+    )
+    return Suite(
+        name=name,
+        title=raw["title"],
+        script=raw["script"],
+        datasets=tuple(raw["datasets"]),
+        variants=variants,
+        shared_pretraining=raw.get("shared_pretraining", False),
+        reference=raw.get("reference"),
+        budgets=budgets,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    key: str  # "<dataset>/seed<k>/<variant>", unique within a sweep
+    suite: str
+    dataset: str
+    seed: int
+    variant: str  # a variant name, or "pretrain"
+    run_dir: pathlib.Path
+    argv: tuple[str, ...]  # the algorithm's arguments, without --run-dir / --resume
+    after: str | None  # key of the pretraining job this one fine-tunes from
+
+    def command(self, python: str) -> list[str]:
+        resume = ["--resume"] if status(self) == "interrupted" else []
+        return [
+            python, f"algorithms/{load_suite(self.suite).script}", *self.argv,
+            "--run-dir", str(self.run_dir), *resume,
+        ]  # fmt: skip
+
+
+def sweep_dir(root: pathlib.Path, suite: str, budget: str) -> pathlib.Path:
+    return pathlib.Path(root) / suite / budget
+
+
+def expand(
+    suite: Suite,
+    budget: Budget,
+    root: pathlib.Path = DEFAULT_ROOT,
+    datasets: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> list[Job]:
+    """Every job of the sweep, pretraining jobs before the fine-tuning jobs that need them."""
+    chosen = list(budget.datasets or suite.datasets)
+    if datasets:
+        unknown = [d for d in datasets if d not in suite.datasets]
+        if unknown:
+            raise SweepError(
+                f"datasets {unknown} are not in suite {suite.name}; its datasets: "
+                f"{', '.join(suite.datasets)}"
+            )
+        chosen = list(datasets)
+    base = sweep_dir(root, suite.name, budget.name)
+    common = list(budget.args) + (["--no-generate"] if budget.tiny_datasets else [])
+    jobs = []
+    for dataset in chosen:
+        for seed in seeds if seeds is not None else budget.seeds:
+            head = ["--env", dataset, "--seed", str(seed), *common]
+            seed_dir = base / dataset / f"seed{seed}"
+            pretrain = None
+            if suite.shared_pretraining:
+                pretrain = Job(
+                    f"{dataset}/seed{seed}/pretrain", suite.name, dataset, seed, "pretrain",
+                    seed_dir / "pretrain", tuple(head + ["--online-steps", "0"]), None,
+                )  # fmt: skip
+                jobs.append(pretrain)
+            for variant in suite.variants:
+                argv = head + list(variant.args)
+                if pretrain is not None:
+                    argv += ["--offline-checkpoint", str(pretrain.run_dir / "offline.npz")]
+                jobs.append(
+                    Job(
+                        f"{dataset}/seed{seed}/{variant.name}",
+                        suite.name,
+                        dataset,
+                        seed,
+                        variant.name,
+                        seed_dir / variant.name,
+                        tuple(argv),
+                        pretrain.key if pretrain else None,
+                    )  # fmt: skip
+                )
+    return jobs
+
+
+def status(job: Job) -> str:
+    """ "finished" (summary.json written), "interrupted" (a checkpoint to resume) or "new"."""
+    if (job.run_dir / "summary.json").exists():
+        return "finished"
+    if (job.run_dir / "checkpoint.npz").exists():
+        return "interrupted"
+    return "new"
+
+
+def check_job_record(job: Job) -> None:
+    """A run directory belongs to one command line: refuse to mix runs of different arguments."""
+    record = job.run_dir / "job.json"
+    if record.exists():
+        previous = json.loads(record.read_text())["argv"]
+        if previous != list(job.argv):
+            raise SweepError(
+                f"{job.run_dir} holds a run with other arguments ({' '.join(previous)}); delete "
+                f"it or pass another --root"
+            )

@@ -1,0 +1,199 @@
+"""The benchmark harness: suites, runner (local and Ray backends, kill + restart), report."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from benchmarks import report, sweep
+
+SUITES = ["aca_table2", "bred_fig3", "off2on_fig3", "td3c_table1"]
+
+# A custom suite (O2O_SUITES_DIR) whose fine-tuning jobs run long enough to be killed midway:
+# 2000 online steps, a checkpoint every 100.
+TINY_SUITE = """
+title = "test suite"
+script = "td3_c.py"
+datasets = ["hopper-medium-v2"]
+shared_pretraining = true
+
+[variants.td3]
+args = ["--finetune", "td3"]
+
+[variants.td3c]
+args = ["--finetune", "td3c"]
+
+[budgets.smoke]
+description = "test"
+seeds = [0]
+tiny_datasets = 1000
+args = ["--hidden-dims", "16", "16", "--batch-size", "16", "--offline-steps", "200",
+        "--log-every", "100", "--offline-eval-every", "200", "--online-steps", "2000",
+        "--eval-every", "500", "--eval-episodes", "1", "--checkpoint-every", "100"]
+
+[budgets.cpu]
+description = "unused"
+seeds = [0]
+args = []
+
+[budgets.paper]
+description = "unused"
+seeds = [0]
+args = []
+"""
+
+
+def test_every_suite_loads_with_three_budgets_and_expands_to_shared_pretraining():
+    assert sweep.known_suites() == SUITES
+    for name in SUITES:
+        suite = sweep.load_suite(name)
+        assert set(suite.budgets) == {"smoke", "cpu", "paper"}
+        jobs = sweep.expand(suite, suite.budget("paper"), REPO / "runs" / "x")
+        n = len(suite.datasets) * len(suite.budget("paper").seeds)
+        assert len(jobs) == n * (1 + len(suite.variants))
+        pretrain = {j.key: j for j in jobs if j.variant == "pretrain"}
+        for job in jobs:
+            if job.variant == "pretrain":
+                assert job.argv[-2:] == ("--online-steps", "0")
+                continue
+            parent = pretrain[job.after]
+            assert (parent.dataset, parent.seed) == (job.dataset, job.seed)
+            assert job.argv[-1] == str(parent.run_dir / "offline.npz")
+
+
+def test_reference_csvs_cover_every_reported_method_and_dataset():
+    for name in SUITES:
+        suite = sweep.load_suite(name)
+        with open(sweep.REFERENCE_DIR / suite.reference) as f:
+            rows = list(csv.DictReader(f))
+        pairs = {(r["method"], r["dataset"]) for r in rows}
+        for variant in suite.variants:
+            if variant.paper and any(m == variant.paper for m, _ in pairs):
+                for dataset in suite.datasets:
+                    assert (variant.paper, dataset) in pairs, (name, variant.paper, dataset)
+        for r in rows:  # delta = online - offline in every transcribed row
+            assert float(r["online"]) - float(r["offline"]) == pytest.approx(
+                float(r["delta"]), abs=0.02
+            )
+
+
+def test_unknown_suite_and_dataset_fail_with_one_line_errors():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "nope", "--budget", "smoke"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "unknown suite 'nope'; known: aca_table2" in proc.stderr
+    with pytest.raises(sweep.SweepError, match="not in suite td3c_table1"):
+        suite = sweep.load_suite("td3c_table1")
+        sweep.expand(suite, suite.budget("cpu"), datasets=["hopper-expert-v2"])
+
+
+def test_early_minimum_and_scores_of_a_run(tmp_path):
+    suite = sweep.load_suite("td3c_table1")
+    (job,) = [
+        j
+        for j in sweep.expand(suite, suite.budget("smoke"), tmp_path)
+        if j.key == "hopper-medium-v2/seed0/td3"
+    ]
+    job.run_dir.mkdir(parents=True)
+    (job.run_dir / "config.json").write_text(
+        json.dumps({"offline_steps": 100, "online_steps": 1000})
+    )
+    (job.run_dir / "summary.json").write_text(
+        json.dumps({"normalized_score_before_finetuning": 50.0,
+                    "normalized_score_after_finetuning": 70.0})
+    )  # fmt: skip
+    rows = [(100, 55.0), (150, 30.0), (200, 20.0), (300, 10.0), (1100, 60.0), (1100, 70.0)]
+    (job.run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, report.SCORE: v}) + "\n" for s, v in rows)
+    )
+    run = report.read_run(job)
+    # the offline evaluation (step 100) is not part of fine-tuning; steps 50 and 100 are the first
+    # 10% of the 1000 online steps; the last evaluation logged at a step wins
+    assert run["early_min"] == 20.0 and run["delta"] == 20.0
+    assert run["curve"] == [(0, 50.0), (50, 30.0), (100, 20.0), (200, 10.0), (1000, 70.0)]
+
+
+def test_iqm_is_the_25_percent_trimmed_mean():
+    from scipy.stats import trim_mean
+
+    scores = np.random.default_rng(0).normal(50, 20, size=(4, 5))
+    point, low, high = report.iqm_with_ci({"a": scores}, reps=500)["a"]
+    assert point == pytest.approx(trim_mean(scores.ravel(), 0.25), rel=1e-6)
+    assert low < point < high
+
+
+def _runner(tmp_path, *extra):
+    env = {**os.environ, "O2O_SUITES_DIR": str(tmp_path / "suites")}
+    return [sys.executable, "-m", "benchmarks.run", "tiny", "--budget", "smoke",
+            "--root", str(tmp_path / "runs"), *extra], env  # fmt: skip
+
+
+def _headers(run_dir):
+    return [x for x in (run_dir / "log.txt").read_text().splitlines() if x.startswith("=== ")]
+
+
+def test_runner_killed_midway_finishes_without_redoing_or_losing_runs(tmp_path, monkeypatch):
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "tiny.toml").write_text(TINY_SUITE)
+    base = tmp_path / "runs" / "tiny" / "smoke" / "hopper-medium-v2" / "seed0"
+    cmd, env = _runner(tmp_path)
+    runner = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 300
+    # kill it once the first fine-tuning job has checkpointed but not finished
+    while not (base / "td3" / "checkpoint.npz").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=60) == 128 + signal.SIGTERM
+    assert (base / "pretrain" / "summary.json").exists()
+    assert not (base / "td3" / "summary.json").exists()
+    pretrain_mtime = (base / "pretrain" / "summary.json").stat().st_mtime_ns
+    alive = subprocess.run(["pgrep", "-f", str(base)], capture_output=True, text=True).stdout
+    assert not alive.strip(), "the runner left a job running"
+
+    cmd, env = _runner(tmp_path)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 jobs (1 already finished)" in proc.stdout
+    # the finished pretraining was not run again; the interrupted job resumed from its checkpoint
+    assert (base / "pretrain" / "summary.json").stat().st_mtime_ns == pretrain_mtime
+    assert len(_headers(base / "pretrain")) == 1
+    headers = _headers(base / "td3")
+    assert len(headers) == 2 and "--resume" in headers[1] and "--resume" not in headers[0]
+    for variant in ("td3", "td3c"):
+        rows = [json.loads(x) for x in (base / variant / "metrics.jsonl").read_text().splitlines()]
+        for key in ("online/critic_loss", "eval/normalized_score"):
+            steps = [r["step"] for r in rows if key in r]
+            assert steps and steps == sorted(set(steps)) or key == "eval/normalized_score"
+        online = [r["step"] for r in rows if "online/critic_loss" in r]
+        assert online == list(range(300, 2201, 100))  # every log window once, none lost
+    monkeypatch.setenv("O2O_SUITES_DIR", str(tmp_path / "suites"))
+    out, rows = report.report("tiny", "smoke", tmp_path / "runs", tmp_path / "report")
+    assert [r["seeds"] for r in rows] == [1, 1]
+    assert (out / "curves" / "hopper-medium-v2.png").exists()
+
+
+def test_ray_backend_on_a_local_instance(tmp_path):
+    pytest.importorskip("ray")
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "tiny.toml").write_text(
+        TINY_SUITE.replace('"--online-steps", "2000"', '"--online-steps", "200"').replace(
+            '"--eval-every", "500"', '"--eval-every", "100"'
+        )
+    )
+    cmd, env = _runner(tmp_path, "--backend", "ray", "--address", "local")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3/3 jobs finished" in proc.stdout
+    base = tmp_path / "runs" / "tiny" / "smoke" / "hopper-medium-v2" / "seed0"
+    for variant in ("pretrain", "td3", "td3c"):
+        assert (base / variant / "summary.json").exists()
