@@ -49,7 +49,7 @@ datasets: install
 #   python -m benchmarks.run SUITE --budget cpu|paper, then python -m benchmarks.report SUITE ...
 bench-smoke: install
 	$(PY) -m benchmarks.run all --budget smoke --workers 2 --root runs/bench
-	$(PY) -m benchmarks.report all --budget smoke --root runs/bench
+	$(PY) -m benchmarks.report all --budget smoke --root runs/bench --strict
 
 bench-datasets: install
 	$(PY) benchmarks/bench_datasets.py --env $(ENV) --out benchmarks/results/bench_datasets_$(ENV).json

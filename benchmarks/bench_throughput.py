@@ -55,6 +55,25 @@ def time_calls(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def collect_rate(explore, params, steps: int) -> float:
+    """Env steps/s of the host collection loop (Hopper-v5, one jitted policy sample per step)."""
+    from common.envs import OnlineEnv
+
+    env = OnlineEnv("hopper", 0)
+    keys = np.asarray(jax.random.split(jax.random.PRNGKey(0), steps))
+
+    def run():
+        for t in range(steps):
+            env.step(np.asarray(explore(params, env.obs, keys[t])))
+
+    return steps / time_calls(run, 1)
+
+
+def end_to_end(collect_per_s: float, updates_per_s: float) -> float:
+    """Env steps/s of an epoch that collects n steps and then runs n updates."""
+    return round(1.0 / (1.0 / collect_per_s + 1.0 / updates_per_s), 1)
+
+
 def bench_off2on(data, quick: bool) -> dict:
     import off2on_balanced as o2o
 
@@ -99,6 +118,14 @@ def bench_off2on(data, quick: bool) -> dict:
     seconds = time_calls(run_online, 1 if quick else 2)
     results["online_balanced_N5_updates_per_s"] = round(updates / seconds, 1)
     results["online_buffer_capacity"] = int(holder["state"].buffer.capacity)
+    explore = jax.jit(
+        lambda p, o, k: o2o.ensemble_policy(actor, p, o[None])[0].sample(seed=k)[0]
+    )  # the script's collection policy: a sample of the moment-matched ensemble
+    collect = collect_rate(explore, holder["state"].actor.params, 300 if quick else 2000)
+    results["online_collect_env_steps_per_s"] = round(collect, 1)
+    results["online_N5_env_steps_per_s_end_to_end"] = end_to_end(
+        collect, results["online_balanced_N5_updates_per_s"]
+    )
     return results
 
 
@@ -141,6 +168,13 @@ def bench_bred(data, quick: bool) -> dict:
 
     seconds = time_calls(run_online, 1 if quick else 2)
     results["online_N5_distilled_updates_per_s"] = round(updates / seconds, 1)
+    _, policy_dist = bred.make_online_update(args, actor, critic, ACTION_DIM)
+    explore = jax.jit(lambda p, o, k: policy_dist(p, o[None]).sample(seed=k)[0])
+    collect = collect_rate(explore, holder["state"].policy.params, 300 if quick else 2000)
+    results["online_collect_env_steps_per_s"] = round(collect, 1)
+    results["online_N5_env_steps_per_s_end_to_end"] = end_to_end(
+        collect, results["online_N5_distilled_updates_per_s"]
+    )
     return results
 
 

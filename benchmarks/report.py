@@ -156,15 +156,24 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def report(suite_name: str, budget_name: str, root: pathlib.Path, out: pathlib.Path | None):
+def report(
+    suite_name: str,
+    budget_name: str,
+    root: pathlib.Path,
+    out: pathlib.Path | None,
+    datasets: list[str] | None = None,
+    seeds: list[int] | None = None,
+):
+    """Write the suite's report; `datasets` / `seeds` restrict it like the runner's flags."""
     suite = load_suite(suite_name)
     budget = suite.budget(budget_name)
     out = out or REPO / "benchmarks" / "results" / suite.name / budget.name
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [j for j in expand(suite, budget, root) if j.variant != "pretrain"]
+    jobs = [j for j in expand(suite, budget, root, datasets, seeds) if j.variant != "pretrain"]
     runs = [r for r in map(read_run, jobs) if r is not None]
     refs = read_reference(suite)
-    datasets = list(budget.datasets or suite.datasets)
+    datasets = list(datasets or budget.datasets or suite.datasets)
+    seeds = sorted(set(seeds if seeds is not None else budget.seeds))
 
     rows = []
     for dataset in datasets:
@@ -190,7 +199,6 @@ def report(suite_name: str, budget_name: str, root: pathlib.Path, out: pathlib.P
     )  # fmt: skip
 
     aggregate_rows = []
-    seeds = sorted(set(budget.seeds))
     scores = {}
     for variant in suite.variants:
         complete = []
@@ -216,8 +224,8 @@ def report(suite_name: str, budget_name: str, root: pathlib.Path, out: pathlib.P
     lines = [
         f"# {suite.title} — budget `{budget.name}`",
         "",
-        f"Budget: {budget.description}. Algorithm file: `algorithms/{suite.script}`; "
-        f"{len(runs)} finished fine-tuning runs under `{root}`.",
+        f"Budget: {budget.description}. Algorithm file: `algorithms/{suite.script}`; seeds "
+        f"{', '.join(map(str, seeds))}; {len(runs)} finished fine-tuning runs.",
         "",
         "D4RL normalized scores, mean ± std over seeds. *pretrained*: end of offline training; "
         "*fine-tuned*: end of the online budget; *lowest early*: lowest evaluation in the first "
@@ -255,21 +263,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Report benchmark suites (see module docstring).")
     parser.add_argument("suites", nargs="+", help=f"suite names or 'all': {known_suites()}")
     parser.add_argument("--budget", choices=BUDGETS, required=True)
-    parser.add_argument("--root", type=pathlib.Path, default=DEFAULT_ROOT)
+    parser.add_argument("--root", type=pathlib.Path, default=DEFAULT_ROOT, help="runs root")
     parser.add_argument("--out", type=pathlib.Path, help="output folder (one suite only)")
+    parser.add_argument("--datasets", nargs="+", help="only these datasets (as for the runner)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="these seeds instead of the budget's")
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 unless every (variant, dataset) has results"
+    )
     args = parser.parse_args(argv)
+    missing = []
     names = known_suites() if args.suites == ["all"] else args.suites
     if args.out and len(names) > 1:
         print("error: --out takes one suite; drop it to write each under benchmarks/results/")
         return 2
     try:
         for name in names:
-            out, rows = report(name, args.budget, args.root, args.out)
+            suite_datasets = load_suite(name).datasets
+            datasets = [d for d in args.datasets or [] if d in suite_datasets] or None
+            if args.datasets and datasets is None:
+                continue
+            out, rows = report(name, args.budget, args.root, args.out, datasets, args.seeds)
             done = sum(r["seeds"] > 0 for r in rows)
             print(f"{name}: {done}/{len(rows)} (variant, dataset) rows with results -> {out}")
+            missing += [f"{name}: {r['variant']} on {r['dataset']}" for r in rows if not r["seeds"]]
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.strict and missing:
+        print(f"error: no finished run for {len(missing)} rows: {'; '.join(missing)}")
+        return 1
     return 0
 
 

@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, help="override the budget's seeds")
     parser.add_argument("--dry-run", action="store_true", help="list the jobs and their status")
     args = parser.parse_args(argv)
+    args.root = args.root.resolve()  # jobs run with cwd = the repository
     try:
         names = known_suites() if args.suites == ["all"] else args.suites
         suites = [load_suite(name) for name in names]

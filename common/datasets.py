@@ -316,7 +316,8 @@ def write_minari_dataset(
     from minari.data_collector.episode_buffer import EpisodeBuffer
     from minari.dataset.minari_storage import MinariStorage
 
-    root = minari_root() if root is None else pathlib.Path(root)
+    # absolute: Minari's hdf5 storage mis-joins relative paths
+    root = (minari_root() if root is None else pathlib.Path(root)).resolve()
     final = root / dataset_id
     if final.exists() and not overwrite:
         raise DatasetError(f"{final} already exists; delete it or pass overwrite")

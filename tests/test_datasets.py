@@ -160,3 +160,12 @@ def test_flat_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     monkeypatch.undo()
     changed, _ = datasets.read_episodes(path)
     assert changed["rewards"][0] == 123.0
+
+
+def test_a_relative_root_works(tmp_path, monkeypatch):
+    """Minari's storage mis-joins relative paths; the writer makes the root absolute."""
+    monkeypatch.chdir(tmp_path)
+    dataset_id = make_tiny_dataset(pathlib.Path("rel"), "walker2d-random-v2", num_steps=200)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "rel"))
+    data = datasets.load_d4rl("walker2d-random-v2", allow_download=False, allow_generate=False)
+    assert data.info.minari_id == dataset_id and data.info.num_transitions == 200
