@@ -46,7 +46,7 @@ from benchmarks.sweep import (
     status,
 )
 
-_RUNNING: dict[str, subprocess.Popen] = {}  # local backend: job key -> process
+_RUNNING: dict[str, subprocess.Popen] = {}  # local backend: job uid -> process
 
 
 def _die_with_parent():  # runs in the child before exec: SIGTERM it if its parent thread dies
@@ -73,11 +73,11 @@ def execute(job: Job, env: dict, python: str = sys.executable) -> int:
             job.command(python), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, **env}, preexec_fn=_die_with_parent,
         )  # fmt: skip
-        _RUNNING[job.key] = proc
+        _RUNNING[job.uid] = proc
         try:
             return proc.wait()
         finally:
-            _RUNNING.pop(job.key, None)
+            _RUNNING.pop(job.uid, None)
 
 
 def prepare_datasets(jobs: list[Job], tiny_steps: int | None, root: pathlib.Path) -> dict:
@@ -106,29 +106,31 @@ def prepare_datasets(jobs: list[Job], tiny_steps: int | None, root: pathlib.Path
 def schedule(jobs: list[Job], launch, wait_any, workers: int, bar) -> dict[str, str]:
     """Run jobs respecting `after` dependencies, at most `workers` at once.
     `launch(job) -> handle`; `wait_any(handles) -> {handle: return code}` for those done."""
-    outcome = {job.key: "finished" for job in jobs if status(job) == "finished"}
-    pending = [job for job in jobs if job.key not in outcome]
+    outcome = {job.uid: "finished" for job in jobs if status(job) == "finished"}
+    pending = [job for job in jobs if job.uid not in outcome]
     running = {}  # handle -> job
     while pending or running:
         for job in list(pending):
-            if job.after is not None and outcome.get(job.after, "").startswith(("failed", "skip")):
+            if job.after_uid and outcome.get(job.after_uid, "").startswith(("failed", "skip")):
                 pending.remove(job)
-                outcome[job.key] = f"skipped (needs {job.after})"
+                outcome[job.uid] = f"skipped (needs {job.after})"
                 bar.update(1)
-        ready = [j for j in pending if j.after is None or outcome.get(j.after) == "finished"]
+        ready = [
+            j for j in pending if j.after_uid is None or outcome.get(j.after_uid) == "finished"
+        ]
         for job in ready[: max(0, workers - len(running))]:
             pending.remove(job)
             running[launch(job)] = job
         if not running:  # nothing can start: whatever is left waits on a job that never ran
             for job in pending:
-                outcome[job.key] = f"skipped (needs {job.after})"
+                outcome[job.uid] = f"skipped (needs {job.after})"
                 bar.update(1)
             break
         for handle, code in wait_any(list(running)).items():
             job = running.pop(handle)
-            outcome[job.key] = "finished" if code == 0 else f"failed (exit {code})"
+            outcome[job.uid] = "finished" if code == 0 else f"failed (exit {code})"
             bar.update(1)
-            bar.write(f"{job.suite} {job.key}: {outcome[job.key]}{_scores(job)}")
+            bar.write(f"{job.uid}: {outcome[job.uid]}{_scores(job)}")
         bar.set_postfix(running=len(running), failed=sum("failed" in v for v in outcome.values()))
     return outcome
 

@@ -120,6 +120,15 @@ class Job:
     argv: tuple[str, ...]  # the algorithm's arguments, without --run-dir / --resume
     after: str | None  # key of the pretraining job this one fine-tunes from
 
+    @property
+    def uid(self) -> str:
+        """Unique across suites (keys repeat: every suite has hopper-medium-v2/seed0/pretrain)."""
+        return f"{self.suite}/{self.key}"
+
+    @property
+    def after_uid(self) -> str | None:
+        return None if self.after is None else f"{self.suite}/{self.after}"
+
     def command(self, python: str) -> list[str]:
         resume = ["--resume"] if status(self) == "interrupted" else []
         return [

@@ -197,3 +197,40 @@ def test_ray_backend_on_a_local_instance(tmp_path):
     base = tmp_path / "runs" / "tiny" / "smoke" / "hopper-medium-v2" / "seed0"
     for variant in ("pretrain", "td3", "td3c"):
         assert (base / variant / "summary.json").exists()
+
+
+def test_schedule_keeps_suites_apart_when_their_job_keys_repeat(tmp_path):
+    """Every suite has e.g. hopper-medium-v2/seed0/pretrain: one suite's finished pretraining
+    must not release another suite's fine-tuning jobs."""
+    from benchmarks.run import schedule
+
+    jobs = []
+    for name in ("aca_table2", "td3c_table1"):
+        suite = sweep.load_suite(name)
+        jobs += sweep.expand(suite, suite.budget("smoke"), tmp_path, ["hopper-medium-v2"])
+    launched = []
+
+    class Bar:
+        def update(self, n):
+            pass
+
+        def write(self, text):
+            pass
+
+        def set_postfix(self, **kw):
+            pass
+
+    def launch(job):
+        launched.append(job)
+        return job.uid
+
+    def wait_any(handles):  # aca_table2's pretraining fails, everything else succeeds
+        return {h: (1 if h == "aca_table2/hopper-medium-v2/seed0/pretrain" else 0) for h in handles}
+
+    outcome = schedule(jobs, launch, wait_any, workers=10, bar=Bar())
+    assert len(outcome) == len(jobs) == 2 + 2 + 3
+    for job in jobs:
+        if job.suite == "aca_table2" and job.variant != "pretrain":
+            assert outcome[job.uid].startswith("skipped") and job not in launched
+        elif job.suite == "td3c_table1":
+            assert outcome[job.uid] == "finished"
