@@ -282,7 +282,7 @@ def dataset_table(root=None) -> tuple[str, list[dict]]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--env", required=True, choices=sorted(GYM_ENV_IDS))
+    parser.add_argument("--env", choices=sorted(GYM_ENV_IDS), help="generate this env's splits")
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     parser.add_argument("--steps", type=int, default=1_000_000, help="steps per rollout split")
     parser.add_argument("--num-envs", type=int, default=20, help="lockstep environments")
@@ -293,10 +293,12 @@ def main(argv=None):
         "--table", type=pathlib.Path, help="write a Markdown table of all generated datasets here"
     )
     args = parser.parse_args(argv)
+    if args.env is None and args.table is None:
+        parser.error("nothing to do: pass --env ENV to generate, --table FILE to tabulate, or both")
     # medium-expert is built from medium and expert: build those first.
     order = ("random", "medium", "expert", "medium-replay", "medium-expert")
     try:
-        for split in sorted(set(args.splits), key=order.index):
+        for split in sorted(set(args.splits), key=order.index) if args.env else ():
             target = (args.root or minari_root()) / minari_id(GENERATED_NAMESPACE, args.env, split)
             if target.exists() and not args.overwrite:
                 print(f"{args.env}-{split}-v2: exists at {target} (use --overwrite to rebuild)")

@@ -13,8 +13,11 @@ runs with a 95% stratified-bootstrap confidence interval (rliable), and one lear
 per dataset (mean +- std over seeds against online env steps; dashed: the paper's final score).
 
 Writes `report.md`, `runs.csv` (one row per run), `summary.csv` (one row per variant and
-dataset), `aggregate.csv` and `curves/<dataset>.png` under
-`benchmarks/results/<suite>/<budget>/` (or `--out`).
+dataset), `aggregate.csv`, `curves.csv` (every evaluation of every run: variant, dataset, seed,
+online step, score; step 0 is the pretrained policy) and `curves/<dataset>.png` under
+`benchmarks/results/<suite>/<budget>/` (or `--out`). A suite's `diagnostics` (logged online
+scalars, e.g. off2on's offline fraction of the RL batches and Q-ensemble AUROC, Fig. 4a-b) are
+added as `diagnostics.csv` and `curves/<dataset>_diagnostics.png`.
 """
 
 import argparse
@@ -42,8 +45,9 @@ from benchmarks.sweep import (
 SCORE = "eval/normalized_score"
 
 
-def read_run(job) -> dict | None:
-    """Scores of one finished fine-tuning run, or None if it has not finished."""
+def read_run(job, diagnostics: tuple[str, ...] = ()) -> dict | None:
+    """Scores (and the named logged scalars, by online step) of one finished fine-tuning run,
+    or None if it has not finished."""
     if status(job) != "finished":
         return None
     summary = json.loads((job.run_dir / "summary.json").read_text())
@@ -52,10 +56,16 @@ def read_run(job) -> dict | None:
     before = summary["normalized_score_before_finetuning"]
     after = summary["normalized_score_after_finetuning"]
     by_step = {}  # online env step -> score (the last evaluation logged at that step wins)
+    traces = {key: {} for key in diagnostics}  # key -> {online env step: value}
     for line in (job.run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        if SCORE in row and row["step"] > offline_steps:
+        if row["step"] <= offline_steps:
+            continue
+        if SCORE in row:
             by_step[row["step"] - offline_steps] = row[SCORE]
+        for key in diagnostics:
+            if key in row:
+                traces[key][row["step"] - offline_steps] = row[key]
     curve = [(0, before)] + sorted(by_step.items())
     online = [(s, v) for s, v in curve if s > 0]
     early = [v for s, v in online if s <= 0.1 * online_steps] or [v for _, v in online[:1]]
@@ -69,6 +79,7 @@ def read_run(job) -> dict | None:
         "early_min": min(early) if early else math.nan,
         "online_steps": online_steps,
         "curve": curve,
+        "traces": {key: sorted(t.items()) for key, t in traces.items()},
     }
 
 
@@ -145,6 +156,41 @@ def plot_curves(runs: list[dict], suite, refs: dict, out: pathlib.Path) -> list[
     return written
 
 
+def plot_diagnostics(runs: list[dict], suite, out: pathlib.Path) -> list[str]:
+    """One figure per dataset, one panel per diagnostic: mean over seeds against online steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = suite.diagnostics
+    written = []
+    for dataset in suite.datasets:
+        here = [r for r in runs if r["dataset"] == dataset]
+        if not here or not keys:
+            continue
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            for i, variant in enumerate(suite.variants):
+                traces = [r["traces"][key] for r in here if r["variant"] == variant.name]
+                traces = [t for t in traces if t]
+                if not traces:
+                    continue
+                steps = sorted(set.intersection(*(set(s for s, _ in t) for t in traces)))
+                mean = np.array([[dict(t)[s] for s in steps] for t in traces]).mean(0)
+                ax.plot(steps, mean, color=f"C{i}", label=variant.name)
+            ax.set_title(key, fontsize=9)
+            ax.set_xlabel("online env steps")
+            ax.legend(fontsize=7)
+        fig.suptitle(dataset, fontsize=10)
+        fig.tight_layout()
+        path = out / f"{dataset}_diagnostics.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path.name)
+    return written
+
+
 def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     if rows:
@@ -170,7 +216,7 @@ def report(
     out = out or REPO / "benchmarks" / "results" / suite.name / budget.name
     out.mkdir(parents=True, exist_ok=True)
     jobs = [j for j in expand(suite, budget, root, datasets, seeds) if j.variant != "pretrain"]
-    runs = [r for r in map(read_run, jobs) if r is not None]
+    runs = [r for r in (read_run(j, suite.diagnostics) for j in jobs) if r is not None]
     refs = read_reference(suite)
     datasets = list(datasets or budget.datasets or suite.datasets)
     seeds = sorted(set(seeds if seeds is not None else budget.seeds))
@@ -195,7 +241,16 @@ def report(
             )
     write_csv(out / "summary.csv", rows)
     write_csv(
-        out / "runs.csv", [{k: v for k, v in r.items() if k != "curve"} for r in runs]
+        out / "runs.csv", [{k: v for k, v in r.items() if k not in ("curve", "traces")} for r in runs]
+    )  # fmt: skip
+    write_csv(
+        out / "curves.csv",
+        [
+            {"variant": r["variant"], "dataset": r["dataset"], "seed": r["seed"],
+             "online_step": step, "normalized_score": round(score, 3)}
+            for r in runs
+            for step, score in r["curve"]
+        ],
     )  # fmt: skip
 
     aggregate_rows = []
@@ -220,6 +275,18 @@ def report(
             )  # fmt: skip
     write_csv(out / "aggregate.csv", aggregate_rows)
     pngs = plot_curves(runs, suite, refs, out / "curves")
+    if suite.diagnostics:
+        write_csv(
+            out / "diagnostics.csv",
+            [
+                {"variant": r["variant"], "dataset": r["dataset"], "seed": r["seed"],
+                 "online_step": step, "metric": key, "value": round(value, 5)}
+                for r in runs
+                for key, trace in r["traces"].items()
+                for step, value in trace
+            ],
+        )  # fmt: skip
+        pngs += plot_diagnostics(runs, suite, out / "curves")
 
     lines = [
         f"# {suite.title} — budget `{budget.name}`",

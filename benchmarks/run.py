@@ -111,12 +111,12 @@ def schedule(jobs: list[Job], launch, wait_any, workers: int, bar) -> dict[str, 
     running = {}  # handle -> job
     while pending or running:
         for job in list(pending):
-            if job.after_uid and outcome.get(job.after_uid, "").startswith(("failed", "skip")):
+            if job.after and outcome.get(job.after, "").startswith(("failed", "skip")):
                 pending.remove(job)
                 outcome[job.uid] = f"skipped (needs {job.after})"
                 bar.update(1)
         ready = [
-            j for j in pending if j.after_uid is None or outcome.get(j.after_uid) == "finished"
+            j for j in pending if j.after is None or outcome.get(j.after) == "finished"
         ]
         for job in ready[: max(0, workers - len(running))]:
             pending.remove(job)
@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not datasets:
                     continue
             jobs += expand(suite, budget, args.root, datasets, args.seeds)
+        # A pretraining job shared across suites (pretraining_from) is listed, and run, once.
+        jobs = list({job.uid: job for job in jobs}.values())
         for job in jobs:
             check_job_record(job)
     except SweepError as err:

@@ -57,6 +57,10 @@ class Suite:
     shared_pretraining: bool
     reference: str | None
     budgets: dict
+    diagnostics: tuple[str, ...] = ()  # logged online scalars the report plots beside the score
+    # Fine-tune from another suite's pretraining jobs (same dataset, seed and budget) instead of
+    # pretraining again: BRED's offline phase is off2on's CQL ensemble, same code (tested).
+    pretraining_from: str | None = None
 
     def budget(self, name: str) -> Budget:
         if name not in self.budgets:
@@ -106,6 +110,8 @@ def load_suite(name: str) -> Suite:
         shared_pretraining=raw.get("shared_pretraining", False),
         reference=raw.get("reference"),
         budgets=budgets,
+        diagnostics=tuple(raw.get("diagnostics", ())),
+        pretraining_from=raw.get("pretraining_from"),
     )
 
 
@@ -118,16 +124,12 @@ class Job:
     variant: str  # a variant name, or "pretrain"
     run_dir: pathlib.Path
     argv: tuple[str, ...]  # the algorithm's arguments, without --run-dir / --resume
-    after: str | None  # key of the pretraining job this one fine-tunes from
+    after: str | None  # uid of the pretraining job this one fine-tunes from
 
     @property
     def uid(self) -> str:
         """Unique across suites (keys repeat: every suite has hopper-medium-v2/seed0/pretrain)."""
         return f"{self.suite}/{self.key}"
-
-    @property
-    def after_uid(self) -> str | None:
-        return None if self.after is None else f"{self.suite}/{self.after}"
 
     def command(self, python: str) -> list[str]:
         resume = ["--resume"] if status(self) == "interrupted" else []
@@ -160,13 +162,29 @@ def expand(
         chosen = list(datasets)
     base = sweep_dir(root, suite.name, budget.name)
     common = list(budget.args) + (["--no-generate"] if budget.tiny_datasets else [])
+    source = None
+    if suite.pretraining_from:
+        source = load_suite(suite.pretraining_from)
+        missing = set(chosen) - set(source.datasets)
+        if not source.shared_pretraining or missing:
+            raise SweepError(
+                f"suite {suite.name} takes its pretraining from {source.name}, which has no "
+                f"shared pretraining or lacks datasets {sorted(missing)}; fix pretraining_from"
+            )
     jobs = []
     for dataset in chosen:
         for seed in seeds if seeds is not None else budget.seeds:
             head = ["--env", dataset, "--seed", str(seed), *common]
             seed_dir = base / dataset / f"seed{seed}"
             pretrain = None
-            if suite.shared_pretraining:
+            if source is not None:  # the other suite's job: same run dir, so it runs only once
+                (pretrain,) = [
+                    j
+                    for j in expand(source, source.budget(budget.name), root, [dataset], [seed])
+                    if j.variant == "pretrain"
+                ]
+                jobs.append(pretrain)
+            elif suite.shared_pretraining:
                 pretrain = Job(
                     f"{dataset}/seed{seed}/pretrain", suite.name, dataset, seed, "pretrain",
                     seed_dir / "pretrain", tuple(head + ["--online-steps", "0"]), None,
@@ -185,7 +203,7 @@ def expand(
                         variant.name,
                         seed_dir / variant.name,
                         tuple(argv),
-                        pretrain.key if pretrain else None,
+                        pretrain.uid if pretrain else None,
                     )  # fmt: skip
                 )
     return jobs

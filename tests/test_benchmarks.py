@@ -23,6 +23,7 @@ title = "test suite"
 script = "td3_c.py"
 datasets = ["hopper-medium-v2"]
 shared_pretraining = true
+diagnostics = ["online/critic_loss"]
 
 [variants.td3]
 args = ["--finetune", "td3"]
@@ -58,7 +59,7 @@ def test_every_suite_loads_with_three_budgets_and_expands_to_shared_pretraining(
         jobs = sweep.expand(suite, suite.budget("paper"), REPO / "runs" / "x")
         n = len(suite.datasets) * len(suite.budget("paper").seeds)
         assert len(jobs) == n * (1 + len(suite.variants))
-        pretrain = {j.key: j for j in jobs if j.variant == "pretrain"}
+        pretrain = {j.uid: j for j in jobs if j.variant == "pretrain"}
         for job in jobs:
             if job.variant == "pretrain":
                 assert job.argv[-2:] == ("--online-steps", "0")
@@ -66,6 +67,43 @@ def test_every_suite_loads_with_three_budgets_and_expands_to_shared_pretraining(
             parent = pretrain[job.after]
             assert (parent.dataset, parent.seed) == (job.dataset, job.seed)
             assert job.argv[-1] == str(parent.run_dir / "offline.npz")
+
+
+def _flags(argv) -> dict:
+    """--flag value(s) pairs of an argument list."""
+    out, key = {}, None
+    for tok in argv:
+        if tok.startswith("--"):
+            key = tok
+            out[key] = []
+        else:
+            out[key].append(tok)
+    return out
+
+
+def test_pretraining_from_another_suite_shares_its_jobs_and_matches_its_flags(tmp_path):
+    bred, off2on = sweep.load_suite("bred_fig3"), sweep.load_suite("off2on_fig3")
+    assert bred.pretraining_from == "off2on_fig3"
+    for budget in ("smoke", "cpu", "paper"):
+        jobs = sweep.expand(bred, bred.budget(budget), tmp_path)
+        theirs = {j.uid: j for j in sweep.expand(off2on, off2on.budget(budget), tmp_path)}
+        for job in jobs:
+            if job.variant == "pretrain":  # off2on's own job, same run dir and arguments
+                assert job.suite == "off2on_fig3" and theirs[job.uid] == job
+                continue
+            parent = theirs[job.after]
+            assert job.argv[-1] == str(parent.run_dir / "offline.npz")
+            # The flags that shape the checkpoint and the global step must agree.
+            mine, pre = _flags(job.argv), _flags(parent.argv)
+            for flag in ("--ensemble-size", "--hidden-dims", "--offline-steps", "--bc-steps"):
+                assert mine.get(flag) == pre.get(flag), (budget, flag)
+    # A sweep of both suites lists the shared pretraining job once.
+    cmd = [sys.executable, "-m", "benchmarks.run", "bred_fig3", "off2on_fig3", "--budget",
+           "paper", "--root", str(tmp_path), "--dry-run"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    pretrain_lines = [line for line in out.splitlines() if line.split()[2].endswith("/pretrain")]
+    assert len(pretrain_lines) == len(off2on.datasets) * len(off2on.budget("paper").seeds)
+    assert all(line.split()[1] == "off2on_fig3" for line in pretrain_lines)
 
 
 def test_reference_csvs_cover_every_reported_method_and_dataset():
@@ -180,6 +218,32 @@ def test_runner_killed_midway_finishes_without_redoing_or_losing_runs(tmp_path, 
     out, rows = report.report("tiny", "smoke", tmp_path / "runs", tmp_path / "report")
     assert [r["seeds"] for r in rows] == [1, 1]
     assert (out / "curves" / "hopper-medium-v2.png").exists()
+    # curves.csv holds each run's pretrained score (step 0) and every online evaluation.
+    with open(out / "curves.csv") as f:
+        curve_rows = list(csv.DictReader(f))
+    for variant in ("td3", "td3c"):
+        mine = [r for r in curve_rows if r["variant"] == variant]
+        summary = json.loads((base / variant / "summary.json").read_text())
+        assert int(mine[0]["online_step"]) == 0
+        assert float(mine[0]["normalized_score"]) == pytest.approx(
+            summary["normalized_score_before_finetuning"], abs=1e-3
+        )
+        assert float(mine[-1]["normalized_score"]) == pytest.approx(
+            summary["normalized_score_after_finetuning"], abs=1e-3
+        )
+    # diagnostics.csv: the suite's logged online scalars, at online steps (global - offline).
+    with open(out / "diagnostics.csv") as f:
+        diag = [r for r in csv.DictReader(f) if r["variant"] == "td3c"]
+    logged = {
+        json.loads(x)["step"] - 200: json.loads(x)["online/critic_loss"]
+        for x in (base / "td3c" / "metrics.jsonl").read_text().splitlines()
+        if "online/critic_loss" in x
+    }
+    assert [int(r["online_step"]) for r in diag] == sorted(logged)
+    assert [float(r["value"]) for r in diag] == pytest.approx(
+        [logged[k] for k in sorted(logged)], rel=1e-4, abs=1e-5
+    )
+    assert (out / "curves" / "hopper-medium-v2_diagnostics.png").exists()
 
 
 def test_ray_backend_on_a_local_instance(tmp_path):
