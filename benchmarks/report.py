@@ -73,6 +73,7 @@ def read_run(job, diagnostics: tuple[str, ...] = ()) -> dict | None:
         "variant": job.variant,
         "dataset": job.dataset,
         "seed": job.seed,
+        "dataset_id": summary.get("dataset", ""),  # the Minari id the run loaded
         "pretrained": before,
         "finetuned": after,
         "delta": after - before,
@@ -104,6 +105,36 @@ def paper_cell(ref: dict | None) -> str:
     if not ref:
         return "—"
     return f"{float(ref['offline']):.1f} → {float(ref['online']):.1f} ({float(ref['delta']):+.1f})"
+
+
+def provenance(suite, budget, runs: list[dict], datasets: list[str], seeds: list[int]) -> list[str]:
+    """Report lines on what was run where it is less than the budget's protocol, and on which
+    datasets the runs loaded (generated ones are not D4RL's own data)."""
+    lines = []
+    planned_datasets = list(budget.datasets or suite.datasets)
+    if len(datasets) < len(planned_datasets) or seeds != sorted(set(budget.seeds)):
+        lines.append(
+            f"Ran here: {len(datasets)} of the budget's {len(planned_datasets)} datasets, "
+            f"{len(seeds)} of its {len(budget.seeds)} seeds."
+        )
+    if budget.tiny_datasets:
+        lines.append(
+            f"Datasets: tiny random-action stand-ins ({budget.tiny_datasets} steps each, under "
+            "the runs root), not D4RL data: the scores check the plumbing, not learning."
+        )
+        return lines
+    ids = sorted({r["dataset_id"] for r in runs if r["dataset_id"]})
+    if ids:
+        text = "Datasets loaded: " + ", ".join(f"`{i}`" for i in ids) + "."
+        if any(i.startswith("o2o/") for i in ids):
+            text += (
+                " The `o2o/...` datasets were generated with the D4RL recipe on gymnasium v5 "
+                "MuJoCo (`benchmarks/results/datasets.md`: behaviour returns beside D4RL's); the "
+                "papers used D4RL's v2 datasets on the older mujoco-py environments, so the paper "
+                "column gives the scale and the ordering to expect, not an exact target."
+            )
+        lines.append(text)
+    return lines
 
 
 def iqm_with_ci(scores: dict[str, np.ndarray], reps: int = 2000) -> dict:
@@ -170,7 +201,7 @@ def plot_diagnostics(runs: list[dict], suite, out: pathlib.Path) -> list[str]:
         if not here or not keys:
             continue
         fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
-        for ax, key in zip(axes[0], keys):
+        for ax, key in zip(axes[0], keys, strict=True):
             for i, variant in enumerate(suite.variants):
                 traces = [r["traces"][key] for r in here if r["variant"] == variant.name]
                 traces = [t for t in traces if t]
@@ -240,9 +271,8 @@ def report(
                 }
             )
     write_csv(out / "summary.csv", rows)
-    write_csv(
-        out / "runs.csv", [{k: v for k, v in r.items() if k not in ("curve", "traces")} for r in runs]
-    )  # fmt: skip
+    plain = [{k: v for k, v in r.items() if k not in ("curve", "traces")} for r in runs]
+    write_csv(out / "runs.csv", plain)
     write_csv(
         out / "curves.csv",
         [
@@ -294,6 +324,7 @@ def report(
         f"Budget: {budget.description}. Algorithm file: `algorithms/{suite.script}`; seeds "
         f"{', '.join(map(str, seeds))}; {len(runs)} finished fine-tuning runs.",
         "",
+        *[x for line in provenance(suite, budget, runs, datasets, seeds) for x in (line, "")],
         "D4RL normalized scores, mean ± std over seeds. *pretrained*: end of offline training; "
         "*fine-tuned*: end of the online budget; *lowest early*: lowest evaluation in the first "
         "10% of fine-tuning (policy collapse). *paper*: offline → online (δ) from "

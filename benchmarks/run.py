@@ -115,9 +115,7 @@ def schedule(jobs: list[Job], launch, wait_any, workers: int, bar) -> dict[str, 
                 pending.remove(job)
                 outcome[job.uid] = f"skipped (needs {job.after})"
                 bar.update(1)
-        ready = [
-            j for j in pending if j.after is None or outcome.get(j.after) == "finished"
-        ]
+        ready = [j for j in pending if j.after is None or outcome.get(j.after) == "finished"]
         for job in ready[: max(0, workers - len(running))]:
             pending.remove(job)
             running[launch(job)] = job

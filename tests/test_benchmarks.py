@@ -159,6 +159,23 @@ def test_early_minimum_and_scores_of_a_run(tmp_path):
     assert run["curve"] == [(0, 50.0), (50, 30.0), (100, 20.0), (200, 10.0), (1000, 70.0)]
 
 
+def test_report_says_what_was_run_and_on_which_data():
+    suite = sweep.load_suite("aca_table2")
+    paper, smoke = suite.budget("paper"), suite.budget("smoke")
+    runs = [{"dataset_id": "o2o/hopper/medium-v0"}, {"dataset_id": "mujoco/hopper/medium-v0"}]
+    lines = report.provenance(suite, paper, runs, ["hopper-medium-v2"], [0, 1])
+    assert lines[0] == "Ran here: 1 of the budget's 15 datasets, 2 of its 5 seeds."
+    assert "`mujoco/hopper/medium-v0`, `o2o/hopper/medium-v0`" in lines[1]
+    assert "generated with the D4RL recipe" in lines[1]
+    # the full protocol on official data: nothing to qualify
+    everything = list(suite.datasets)
+    official = [{"dataset_id": "mujoco/hopper/medium-v0"}]
+    (line,) = report.provenance(suite, paper, official, everything, list(paper.seeds))
+    assert line.startswith("Datasets loaded") and "generated" not in line
+    (smoke_line,) = report.provenance(suite, smoke, runs, everything, [0])
+    assert "tiny random-action stand-ins" in smoke_line
+
+
 def test_iqm_is_the_25_percent_trimmed_mean():
     from scipy.stats import trim_mean
 
@@ -217,6 +234,7 @@ def test_runner_killed_midway_finishes_without_redoing_or_losing_runs(tmp_path, 
     monkeypatch.setenv("O2O_SUITES_DIR", str(tmp_path / "suites"))
     out, rows = report.report("tiny", "smoke", tmp_path / "runs", tmp_path / "report")
     assert [r["seeds"] for r in rows] == [1, 1]
+    assert "tiny random-action stand-ins" in (out / "report.md").read_text()
     assert (out / "curves" / "hopper-medium-v2.png").exists()
     # curves.csv holds each run's pretrained score (step 0) and every online evaluation.
     with open(out / "curves.csv") as f:
