@@ -18,9 +18,15 @@ The network is the paper's (Acme's LayerNormMLP): Linear -> LayerNorm -> tanh, t
 Choices where the paper is silent (flags, documented defaults):
 - Eq. (5) as printed reads  Q - lambda [epsilon - (a - pi')^2],  which would reward deviation;
   the standard Lagrangian sign (penalising (a - pi')^2 above epsilon) is implemented.
-- The dual variable starts at `--init-dual` 0 and takes Adam steps of `--dual-lr` 1.0 on
+- The dual variable starts at `--init-dual` 0 and takes Adam steps of `--dual-lr` 1e-2 on
   -(constraint - epsilon), projected onto lambda >= 0 (unknown in the paper): it grows while the
-  constraint is violated and returns to exactly 0 when it is slack.
+  constraint is violated and returns to exactly 0 when it is slack. Under Adam, lambda rises by
+  about dual-lr per step for as long as the constraint is violated, and with epsilon = 1e-5 it
+  nearly always is (the actor's own Adam steps keep E[(pi - pi_targ)^2] above it: 2e-5 even at
+  lambda = 4e4), so dual-lr sets how fast the trust region closes. Measured on hopper-medium-v2
+  (seed 0, paper budget, `benchmarks/results/td3c_dual_lr/`): 1.0 froze the policy within a few
+  thousand steps (lambda 4e4, score flat at 46-49 for 200k steps); 1e-2 and 1e-3 both improved
+  to ~102, 1e-2 without the early dip that TD3 and 1e-3 show.
 - Action-gradient clipping as in rlax's dpg loss (Acme DDPG/D4PG): dQ/da clipped elementwise to
   [-`--dqda-clip`, `--dqda-clip`] = [-1, 1], for td3c (the paper's "clipping: yes").
 - The actor gradient uses critic 1 only (Acme's TD3); evaluation: 10 episodes every 5000 steps.
@@ -121,8 +127,8 @@ class Args:
     """online samples before updates start when the buffer starts without offline data"""
     epsilon: float = 1e-5
     """TD3-C trust-region size (Table B2)"""
-    dual_lr: float = 1.0
-    """Adam step size of the dual variable (not given in the paper)"""
+    dual_lr: float = 1e-2
+    """Adam step size of the dual variable (not given in the paper; see the header)"""
     init_dual: float = 0.0
     """initial value of the dual variable lambda_c"""
     dqda_clip: float = 1.0
