@@ -111,7 +111,7 @@ def provenance(suite, budget, runs: list[dict], datasets: list[str], seeds: list
     """Report lines on what was run where it is less than the budget's protocol, and on which
     datasets the runs loaded (generated ones are not D4RL's own data)."""
     lines = []
-    planned_datasets = list(budget.datasets or suite.datasets)
+    planned_datasets = suite.datasets_for(budget)
     if len(datasets) < len(planned_datasets) or seeds != sorted(set(budget.seeds)):
         lines.append(
             f"Ran here: {len(datasets)} of the budget's {len(planned_datasets)} datasets, "
@@ -125,13 +125,16 @@ def provenance(suite, budget, runs: list[dict], datasets: list[str], seeds: list
         return lines
     ids = sorted({r["dataset_id"] for r in runs if r["dataset_id"]})
     if ids:
+        from common.datasets import GENERATED_NAMESPACE  # imported here: it loads jax, gymnasium
+
         text = "Datasets loaded: " + ", ".join(f"`{i}`" for i in ids) + "."
-        if any(i.startswith("o2o/") for i in ids):
+        if any(i.startswith(f"{GENERATED_NAMESPACE}/") for i in ids):
             text += (
-                " The `o2o/...` datasets were generated with the D4RL recipe on gymnasium v5 "
-                "MuJoCo (`benchmarks/results/datasets.md`: behaviour returns beside D4RL's); the "
-                "papers used D4RL's v2 datasets on the older mujoco-py environments, so the paper "
-                "column gives the scale and the ordering to expect, not an exact target."
+                f" The `{GENERATED_NAMESPACE}/...` datasets were generated with the D4RL recipe "
+                "on gymnasium v5 MuJoCo (`benchmarks/results/datasets.md`: behaviour returns "
+                "beside D4RL's); the papers used D4RL's v2 datasets on the older mujoco-py "
+                "environments, so the paper column gives the scale and the ordering to expect, "
+                "not an exact target."
             )
         lines.append(text)
     return lines
@@ -249,7 +252,7 @@ def report(
     jobs = [j for j in expand(suite, budget, root, datasets, seeds) if j.variant != "pretrain"]
     runs = [r for r in (read_run(j, suite.diagnostics) for j in jobs) if r is not None]
     refs = read_reference(suite)
-    datasets = list(datasets or budget.datasets or suite.datasets)
+    datasets = list(datasets or suite.datasets_for(budget))
     seeds = sorted(set(seeds if seeds is not None else budget.seeds))
 
     rows = []

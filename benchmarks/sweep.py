@@ -67,6 +67,10 @@ class Suite:
             raise SweepError(f"suite {self.name!r} has no budget {name!r}; known: {BUDGETS}")
         return self.budgets[name]
 
+    def datasets_for(self, budget: Budget) -> list[str]:
+        """The datasets a budget runs: its own list, or all of the suite's."""
+        return list(budget.datasets or self.datasets)
+
 
 def suites_dir() -> pathlib.Path:
     """benchmarks/suites, or $O2O_SUITES_DIR (your own suites, e.g. for a new method)."""
@@ -151,7 +155,7 @@ def expand(
     seeds: list[int] | None = None,
 ) -> list[Job]:
     """Every job of the sweep, pretraining jobs before the fine-tuning jobs that need them."""
-    chosen = list(budget.datasets or suite.datasets)
+    chosen = suite.datasets_for(budget)
     if datasets:
         unknown = [d for d in datasets if d not in suite.datasets]
         if unknown:
