@@ -46,18 +46,26 @@ SCORE = "eval/normalized_score"
 
 
 def read_run(job, diagnostics: tuple[str, ...] = ()) -> dict | None:
-    """Scores (and the named logged scalars, by online step) of one finished fine-tuning run,
-    or None if it has not finished."""
+    """`read_run_dir` of a sweep job with its variant, dataset and seed, or None if it has not
+    finished."""
     if status(job) != "finished":
         return None
-    summary = json.loads((job.run_dir / "summary.json").read_text())
-    config = json.loads((job.run_dir / "config.json").read_text())
+    return {"variant": job.variant, "dataset": job.dataset, "seed": job.seed,
+            **read_run_dir(job.run_dir, diagnostics)}  # fmt: skip
+
+
+def read_run_dir(run_dir: pathlib.Path, diagnostics: tuple[str, ...] = ()) -> dict:
+    """Scores of one finished fine-tuning run (its summary.json written): before and after
+    fine-tuning, the lowest early score, the learning curve (online step 0 = the pretrained
+    policy) and the named logged scalars by online step."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
     offline_steps, online_steps = config["offline_steps"], config["online_steps"]
     before = summary["normalized_score_before_finetuning"]
     after = summary["normalized_score_after_finetuning"]
     by_step = {}  # online env step -> score (the last evaluation logged at that step wins)
     traces = {key: {} for key in diagnostics}  # key -> {online env step: value}
-    for line in (job.run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if row["step"] <= offline_steps:
             continue
@@ -70,9 +78,6 @@ def read_run(job, diagnostics: tuple[str, ...] = ()) -> dict | None:
     online = [(s, v) for s, v in curve if s > 0]
     early = [v for s, v in online if s <= 0.1 * online_steps] or [v for _, v in online[:1]]
     return {
-        "variant": job.variant,
-        "dataset": job.dataset,
-        "seed": job.seed,
         "dataset_id": summary.get("dataset", ""),  # the Minari id the run loaded
         "pretrained": before,
         "finetuned": after,

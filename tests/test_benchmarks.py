@@ -159,6 +159,54 @@ def test_early_minimum_and_scores_of_a_run(tmp_path):
     assert run["curve"] == [(0, 50.0), (50, 30.0), (100, 20.0), (200, 10.0), (1000, 70.0)]
 
 
+def _fake_run(run_dir, scores, dual, online_steps=1000, offline_steps=100, before=50.0):
+    run_dir.mkdir(parents=True)
+    config = {"offline_steps": offline_steps, "online_steps": online_steps, "dual_lr": 0.01}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "summary.json").write_text(
+        json.dumps({"normalized_score_before_finetuning": before,
+                    "normalized_score_after_finetuning": scores[-1][1]})
+    )  # fmt: skip
+    rows = [{"step": offline_steps + s, report.SCORE: v} for s, v in scores]
+    rows += [{"step": offline_steps + s, "online/dual": v} for s, v in dual]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_plot_curves_compares_single_runs(tmp_path, capsys):
+    from benchmarks import plot_curves
+
+    _fake_run(tmp_path / "a", [(50, 40.0), (100, 45.0), (500, 20.0), (1000, 80.0)],
+              [(50, 1.0), (1000, 3.0)])  # fmt: skip
+    _fake_run(tmp_path / "b", [(100, 60.0), (1000, 70.0)], [(100, 2.0)])
+    out = tmp_path / "cmp" / "curves"
+    argv = [str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "A", "B", "--out", str(out),
+            "--extra", "online/dual", "--config", "dual_lr"]  # fmt: skip
+    assert plot_curves.main(argv) == 0
+    with open(out.with_suffix(".csv")) as f:
+        rows = list(csv.DictReader(f))
+    # step 0 is the pretrained policy; a scalar appears at the evaluations logged at its step
+    columns = ("run", "online_step", "normalized_score", "online/dual")
+    assert [tuple(r[c] for c in columns) for r in rows] == [
+        ("A", "0", "50.0", ""), ("A", "50", "40.0", "1"), ("A", "100", "45.0", ""),
+        ("A", "500", "20.0", ""), ("A", "1000", "80.0", "3"),
+        ("B", "0", "50.0", ""), ("B", "100", "60.0", "2"), ("B", "1000", "70.0", ""),
+    ]  # fmt: skip
+    table = out.with_suffix(".md").read_text().splitlines()
+    # A: lowest in the first 10% (steps <= 100) is 40, lowest overall 20 at step 500, last λ 3
+    assert table[2] == "| A | 0.01 | 50.0 | 80.0 | 40.0 | 20.0 (at 500) | 3 |"
+    assert table[3] == "| B | 0.01 | 50.0 | 70.0 | 60.0 | 60.0 (at 100) | 2 |"
+    assert out.with_suffix(".png").stat().st_size > 0
+    # an unfinished run, an unknown config key, a label count that does not match: clear errors
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text("{}")
+    assert plot_curves.main([str(tmp_path / "c"), "--out", str(out)]) == 2
+    assert "has not finished (no summary.json)" in capsys.readouterr().err
+    assert plot_curves.main([str(tmp_path / "a"), "--out", str(out), "--config", "nope"]) == 2
+    assert "has no ['nope']; known keys: ['dual_lr'" in capsys.readouterr().err
+    assert plot_curves.main([str(tmp_path / "a"), "--labels", "x", "y", "--out", str(out)]) == 2
+    assert "give one distinct label per run" in capsys.readouterr().err
+
+
 def test_report_says_what_was_run_and_on_which_data():
     suite = sweep.load_suite("aca_table2")
     paper, smoke = suite.budget("paper"), suite.budget("smoke")
