@@ -37,7 +37,6 @@ Usage:
 """
 
 import dataclasses
-import json
 import math
 import pathlib
 import sys
@@ -56,7 +55,6 @@ from tqdm import tqdm
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from common.buffers import ReplayBuffer  # noqa: E402
 from common.checkpoints import (  # noqa: E402
-    atomic_write_text,
     load_checkpoint,
     read_checkpoint_metadata,
     save_checkpoint,
@@ -64,7 +62,7 @@ from common.checkpoints import (  # noqa: E402
 from common.datasets import TRANSITION_KEYS, DatasetError, load_d4rl  # noqa: E402
 from common.envs import OnlineEnv  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
-from common.logger import Logger, make_run_dir  # noqa: E402
+from common.logger import Logger, finish_run, make_run_dir  # noqa: E402
 from common.networks import Critic, TanhGaussianPolicy, tanh_gaussian  # noqa: E402
 
 
@@ -742,7 +740,7 @@ def main(args: Args) -> dict:
         progress = {"phase": "online", "env_steps": 0}
 
     # ---------------------------------------------------------------- distillation
-    summary = {"env": args.env, "dataset": data.info.minari_id}
+    summary = {"dataset": data.info.minari_id}  # summary.json (finish_run adds env and scores)
     if independent:
         policy_params = members.actor.params
         before = eval_policy(policy_params, args.seed + 10**6)
@@ -817,19 +815,7 @@ def main(args: Args) -> dict:
                 )
 
     after = evaluate_online(state.policy.params, args.seed + 2 * 10**6)
-    logger.log(args.offline_steps + args.online_steps, after.metrics(), prefix="eval/")
-    summary |= {
-        "normalized_score_before_finetuning": before.mean_normalized,
-        "normalized_score_after_finetuning": after.mean_normalized,
-        "return_after_finetuning": after.mean_return,
-    }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    logger.close()
-    print(
-        f"normalized score: {before.mean_normalized:.1f} before fine-tuning, "
-        f"{after.mean_normalized:.1f} after {args.online_steps} online steps; run dir {run_dir}"
-    )
-    return summary
+    return finish_run(logger, run_dir, args, before, after, **summary)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ Usage:
 """
 
 import dataclasses
-import json
 import math
 import pathlib
 import sys
@@ -58,7 +57,6 @@ from tqdm import tqdm
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from common.buffers import PrioritizedBuffer  # noqa: E402
 from common.checkpoints import (  # noqa: E402
-    atomic_write_text,
     load_checkpoint,
     read_checkpoint_metadata,
     save_checkpoint,
@@ -66,7 +64,7 @@ from common.checkpoints import (  # noqa: E402
 from common.datasets import TRANSITION_KEYS, DatasetError, load_d4rl  # noqa: E402
 from common.envs import OnlineEnv  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
-from common.logger import Logger, make_run_dir  # noqa: E402
+from common.logger import Logger, finish_run, make_run_dir  # noqa: E402
 from common.networks import Critic, TanhGaussianPolicy, tanh_gaussian  # noqa: E402
 
 
@@ -800,21 +798,7 @@ def main(args: Args) -> dict:
                 raise SystemExit(f"stopped after global step {global_step} (--stop-after)")
 
     after = eval_metrics(state.actor.params, seed=args.seed + 2 * 10**6)
-    logger.log(args.offline_steps + args.online_steps, after.metrics(), prefix="eval/")
-    summary = {
-        "env": args.env,
-        "dataset": data.info.minari_id,
-        "normalized_score_before_finetuning": before.mean_normalized,
-        "normalized_score_after_finetuning": after.mean_normalized,
-        "return_after_finetuning": after.mean_return,
-    }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    logger.close()
-    print(
-        f"normalized score: {before.mean_normalized:.1f} before fine-tuning, "
-        f"{after.mean_normalized:.1f} after {args.online_steps} online steps; run dir {run_dir}"
-    )
-    return summary
+    return finish_run(logger, run_dir, args, before, after, dataset=data.info.minari_id)
 
 
 if __name__ == "__main__":

@@ -76,3 +76,25 @@ class Logger:
 def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
     path = pathlib.Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def finish_run(logger: Logger, run_dir: pathlib.Path, args, before, after, **fields) -> dict:
+    """The end of an offline-to-online run, the same in every algorithm file: the final
+    evaluation `after` (an `EvalResult`, like `before`) logged at the last global step;
+    `summary.json` written atomically with the env, `fields` and the scores before and after
+    fine-tuning (the keys benchmarks/report.py reads); the logger closed; the result printed."""
+    logger.log(args.offline_steps + args.online_steps, after.metrics(), prefix="eval/")
+    summary = {
+        "env": args.env,
+        **fields,
+        "normalized_score_before_finetuning": before.mean_normalized,
+        "normalized_score_after_finetuning": after.mean_normalized,
+        "return_after_finetuning": after.mean_return,
+    }
+    atomic_write_text(pathlib.Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    logger.close()
+    print(
+        f"normalized score: {before.mean_normalized:.1f} before fine-tuning, "
+        f"{after.mean_normalized:.1f} after {args.online_steps} online steps; run dir {run_dir}"
+    )
+    return summary

@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import gymnasium as gym
 import jax
@@ -16,7 +17,7 @@ import pytest
 from common.buffers import PrioritizedBuffer
 from common.checkpoints import load_checkpoint, save_checkpoint
 from common.evaluation import evaluate
-from common.logger import Logger, make_run_dir, read_metrics
+from common.logger import Logger, finish_run, make_run_dir, read_metrics
 from common.networks import DeterministicActor
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -106,6 +107,31 @@ def test_logger_writes_config_jsonl_and_truncates_on_resume(tmp_path):
     logger.close()
     rows = read_metrics(run_dir)
     assert [(r["step"], r["offline/loss"]) for r in rows] == [(10, 1.0), (20, 2.0), (30, 9.0)]
+
+
+def test_finish_run_logs_the_final_evaluation_and_writes_the_summary_the_report_reads(
+    tmp_path, capsys
+):
+    from benchmarks.report import read_run_dir
+    from common.evaluation import EvalResult
+
+    def result(*normalized):
+        n = np.array(normalized)
+        return EvalResult(returns=10 * n, lengths=np.full(len(n), 1000), normalized=n)
+
+    args = types.SimpleNamespace(env="hopper-medium-v2", offline_steps=100, online_steps=50)
+    logger = Logger(tmp_path, config={"offline_steps": 100, "online_steps": 50})
+    logger.log(125, {"normalized_score": 30.0}, prefix="eval/")
+    summary = finish_run(
+        logger, tmp_path, args, result(40.0, 50.0), result(60.0, 80.0), dataset="d"
+    )
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary == {
+        "env": "hopper-medium-v2", "dataset": "d", "normalized_score_before_finetuning": 45.0,
+        "normalized_score_after_finetuning": 70.0, "return_after_finetuning": 700.0,
+    }  # fmt: skip
+    assert "45.0 before fine-tuning, 70.0 after 50 online steps" in capsys.readouterr().out
+    run = read_run_dir(tmp_path)  # the final evaluation is the curve's last point
+    assert run["curve"] == [(0, 45.0), (25, 30.0), (50, 70.0)] and run["early_min"] == 30.0
 
 
 def test_importing_common_has_no_side_effects(tmp_path):
