@@ -12,7 +12,8 @@ fine-tuning). Writes atomically:
 - PREFIX.csv: one row per evaluation: run label, the `--config` values, online step, normalized
   score, and each `--extra` scalar logged at that step (blank where none was);
 - PREFIX.md: one row per run: the `--config` values, score before and after fine-tuning, the
-  lowest early score, the lowest score overall (and its step), the last logged `--extra` values;
+  mean of the evaluations in the last 10% of fine-tuning (one evaluation is noisy), the lowest
+  early score, the lowest score overall (and its step), the last logged `--extra` values;
 - PREFIX.png: the scores and one panel per `--extra` scalar (log scale where a non-negative
   scalar's positive values span more than two decades; zeros are then left out).
 """
@@ -58,14 +59,25 @@ def fmt(value, digits: int = 4) -> str:
 
 
 def table(runs: dict[str, dict], extras: list[str], config_keys: list[str]) -> str:
-    head = ["run", *config_keys, "before", "after", "lowest early (first 10%)", "lowest overall"]
+    head = [
+        "run",
+        *config_keys,
+        "before",
+        "after",
+        "mean of the last 10%",
+        "lowest early (first 10%)",
+    ]
+    head.append("lowest overall")
     head += [f"last {key}" for key in extras]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, run in runs.items():
         online = [(s, v) for s, v in run["curve"] if s > 0]
         low_step, low = min(online, key=lambda p: p[1]) if online else (0, math.nan)
+        late = [v for s, v in online if s > 0.9 * run["online_steps"]]  # single evals are noisy
         cells = [label, *(fmt(run["config"][k]) for k in config_keys)]
-        cells += [f"{run['pretrained']:.1f}", f"{run['finetuned']:.1f}", f"{run['early_min']:.1f}"]
+        cells += [f"{run['pretrained']:.1f}", f"{run['finetuned']:.1f}"]
+        cells += [f"{sum(late) / len(late):.1f} ({len(late)} evals)" if late else "—"]
+        cells += [f"{run['early_min']:.1f}"]
         cells.append(f"{low:.1f} (at {low_step})")
         cells += [fmt(run["traces"][k][-1][1]) if run["traces"][k] else "" for k in extras]
         lines.append("| " + " | ".join(cells) + " |")

@@ -177,7 +177,7 @@ def test_plot_curves_compares_single_runs(tmp_path, capsys):
 
     _fake_run(tmp_path / "a", [(50, 40.0), (100, 45.0), (500, 20.0), (1000, 80.0)],
               [(50, 1.0), (1000, 3.0)])  # fmt: skip
-    _fake_run(tmp_path / "b", [(100, 60.0), (1000, 70.0)], [(100, 2.0)])
+    _fake_run(tmp_path / "b", [(100, 60.0), (950, 90.0), (1000, 70.0)], [(100, 2.0)])
     out = tmp_path / "cmp" / "curves"
     argv = [str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "A", "B", "--out", str(out),
             "--extra", "online/dual", "--config", "dual_lr"]  # fmt: skip
@@ -189,12 +189,13 @@ def test_plot_curves_compares_single_runs(tmp_path, capsys):
     assert [tuple(r[c] for c in columns) for r in rows] == [
         ("A", "0", "50.0", ""), ("A", "50", "40.0", "1"), ("A", "100", "45.0", ""),
         ("A", "500", "20.0", ""), ("A", "1000", "80.0", "3"),
-        ("B", "0", "50.0", ""), ("B", "100", "60.0", "2"), ("B", "1000", "70.0", ""),
+        ("B", "0", "50.0", ""), ("B", "100", "60.0", "2"), ("B", "950", "90.0", ""),
+        ("B", "1000", "70.0", ""),
     ]  # fmt: skip
     table = out.with_suffix(".md").read_text().splitlines()
     # A: lowest in the first 10% (steps <= 100) is 40, lowest overall 20 at step 500, last λ 3
-    assert table[2] == "| A | 0.01 | 50.0 | 80.0 | 40.0 | 20.0 (at 500) | 3 |"
-    assert table[3] == "| B | 0.01 | 50.0 | 70.0 | 60.0 | 60.0 (at 100) | 2 |"
+    assert table[2] == "| A | 0.01 | 50.0 | 80.0 | 80.0 (1 evals) | 40.0 | 20.0 (at 500) | 3 |"
+    assert table[3] == "| B | 0.01 | 50.0 | 70.0 | 80.0 (2 evals) | 60.0 | 60.0 (at 100) | 2 |"
     assert out.with_suffix(".png").stat().st_size > 0
     # an unfinished run, an unknown config key, a label count that does not match: clear errors
     (tmp_path / "c").mkdir()
