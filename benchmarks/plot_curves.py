@@ -27,7 +27,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks.report import read_run_dir  # noqa: E402
+from benchmarks.report import read_run_dir, style_axis  # noqa: E402
 from common.checkpoints import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 
@@ -113,15 +113,11 @@ def plot(runs: dict[str, dict], extras: list[str], title: str) -> bytes:
                 ax.plot(*zip(*run["traces"][key], strict=True), color=f"C{i}", label=label)
     axes[0].set_ylabel("normalized score")
     axes[0].set_title(title, fontsize=10)
+    style_axis(axes[0])
     for ax, key in zip(axes[1:], extras, strict=True):
-        values = [v for run in runs.values() for _, v in run["traces"][key]]
-        positive = [v for v in values if v > 0]  # a log axis leaves out the others (td3's λ = 0)
-        if positive and min(values) >= 0 and max(positive) > 100 * min(positive):
-            ax.set_yscale("log")
+        style_axis(ax, [v for run in runs.values() for _, v in run["traces"][key]])
         ax.set_title(key, fontsize=10)
     for ax in axes:
-        ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:g}k" if x else "0")
-        ax.set_xlabel("online env steps")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()

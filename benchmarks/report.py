@@ -157,6 +157,16 @@ def iqm_with_ci(scores: dict[str, np.ndarray], reps: int = 2000) -> dict:
     return {k: (float(points[k][0]), *map(float, intervals[k][:, 0])) for k in scores}
 
 
+def style_axis(ax, values=()) -> None:
+    """Online steps in thousands on x; a log y axis where non-negative values' positive part spans
+    more than two decades (a dual variable, a constraint; zeros are then left out)."""
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:g}k" if x else "0")
+    ax.set_xlabel("online env steps")
+    positive = [v for v in values if v > 0]
+    if positive and min(values) >= 0 and max(positive) > 100 * min(positive):
+        ax.set_yscale("log")
+
+
 def plot_curves(runs: list[dict], suite, refs: dict, out: pathlib.Path) -> list[str]:
     import matplotlib
 
@@ -184,7 +194,7 @@ def plot_curves(runs: list[dict], suite, refs: dict, out: pathlib.Path) -> list[
             if ref:
                 ax.axhline(float(ref["online"]), color=color, ls="--", lw=0.8)
         ax.set_title(dataset, fontsize=10)
-        ax.set_xlabel("online env steps")
+        style_axis(ax)
         ax.set_ylabel("normalized score")
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -210,6 +220,7 @@ def plot_diagnostics(runs: list[dict], suite, out: pathlib.Path) -> list[str]:
             continue
         fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
         for ax, key in zip(axes[0], keys, strict=True):
+            plotted = []
             for i, variant in enumerate(suite.variants):
                 traces = [r["traces"][key] for r in here if r["variant"] == variant.name]
                 traces = [t for t in traces if t]
@@ -218,8 +229,9 @@ def plot_diagnostics(runs: list[dict], suite, out: pathlib.Path) -> list[str]:
                 steps = sorted(set.intersection(*(set(s for s, _ in t) for t in traces)))
                 mean = np.array([[dict(t)[s] for s in steps] for t in traces]).mean(0)
                 ax.plot(steps, mean, color=f"C{i}", label=variant.name)
+                plotted += list(mean)
             ax.set_title(key, fontsize=9)
-            ax.set_xlabel("online env steps")
+            style_axis(ax, plotted)
             ax.legend(fontsize=7)
         fig.suptitle(dataset, fontsize=10)
         fig.tight_layout()
