@@ -19,7 +19,6 @@ fine-tuning). Writes atomically:
 """
 
 import argparse
-import csv
 import io
 import json
 import math
@@ -27,7 +26,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks.report import read_run_dir, style_axis  # noqa: E402
+from benchmarks.report import read_run_dir, style_axis, write_csv  # noqa: E402
 from common.checkpoints import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 
@@ -59,16 +58,8 @@ def fmt(value, digits: int = 4) -> str:
 
 
 def table(runs: dict[str, dict], extras: list[str], config_keys: list[str]) -> str:
-    head = [
-        "run",
-        *config_keys,
-        "before",
-        "after",
-        "mean of the last 10%",
-        "lowest early (first 10%)",
-    ]
-    head.append("lowest overall")
-    head += [f"last {key}" for key in extras]
+    head = ["run", *config_keys, "before", "after", "mean of the last 10%"]
+    head += ["lowest early (first 10%)", "lowest overall", *(f"last {key}" for key in extras)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, run in runs.items():
         online = [(s, v) for s, v in run["curve"] if s > 0]
@@ -84,14 +75,15 @@ def table(runs: dict[str, dict], extras: list[str], config_keys: list[str]) -> s
     return "\n".join(lines) + "\n"
 
 
-def rows(runs: dict[str, dict], extras: list[str], config_keys: list[str]) -> list[list]:
-    out = [["run", *config_keys, "online_step", "normalized_score", *extras]]
+def rows(runs: dict[str, dict], extras: list[str]) -> list[dict]:
+    out = []
     for label, run in runs.items():
         traces = {k: dict(run["traces"][k]) for k in extras}
         for step, score in run["curve"]:
             out.append(
-                [label, *(run["config"][k] for k in config_keys), step, round(score, 3),
-                 *(fmt(traces[k].get(step), 6) for k in extras)]
+                {"run": label, **run["config"], "online_step": step,
+                 "normalized_score": round(score, 3),
+                 **{k: fmt(traces[k].get(step), 6) for k in extras}}
             )  # fmt: skip
     return out
 
@@ -155,14 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if missing:
         print(f"warning: never logged during fine-tuning: {', '.join(missing)}", file=sys.stderr)
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows(runs, args.extra, args.config))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out.with_suffix(".csv"), buf.getvalue())
-    atomic_write_text(args.out.with_suffix(".md"), table(runs, args.extra, args.config))
+    write_csv(args.out.with_suffix(".csv"), rows(runs, args.extra))
+    summary = table(runs, args.extra, args.config)
+    atomic_write_text(args.out.with_suffix(".md"), summary)
     png = plot(runs, args.extra, args.title)
     atomic_write_bytes(args.out.with_suffix(".png"), lambda f: f.write(png))
-    print(table(runs, args.extra, args.config), end="")
+    print(summary, end="")
     print(f"wrote {args.out}.csv, .md and .png")
     return 0
 
