@@ -3,42 +3,53 @@
 Luo, Kay, Grefenstette, Deisenroth. "Finetuning from Offline Reinforcement Learning: Challenges,
 Trade-offs and Practical Solutions" (equation numbers below are the paper's).
 
-Offline: TD3-BC (Eq. 3): actor loss  -lambda Q1(s, pi(s)) + (pi(s) - a)^2,  lambda = alpha /
-mean|Q1| (no gradient), alpha = 2.5; twin critics with target policy smoothing; delayed actor and
-target updates. Online: one update per env step, Gaussian exploration noise, and the policy step
-of `--finetune`:
-  td3    max Q1(s, pi(s))
-  td3c   Eq. (4)-(5): max Q1(s, pi(s)) s.t. E[(pi(s) - pi_targ(s))^2] <= epsilon, solved as
-         min_{l >= 0} max_theta E[Q1(s, pi(s)) - l ((pi(s) - pi_targ(s))^2 - epsilon)], the
-         dual l learned by projected gradient steps, dQ/da clipped (Table B2 "clipping")
-  td3bc  the offline loss, unchanged
+Offline: TD3-BC (Eq. 3): actor loss  -lambda Q1(s, pi(s)) + mean (pi(s) - a)^2,  lambda =
+alpha / mean|Q1| (no gradient), alpha = 2.5, the squared error averaged over the batch and the
+action dimensions (TD3-BC's `F.mse_loss`); twin critics with target policy smoothing (Eq. 1);
+delayed actor updates. Online: one update per env step, Gaussian exploration noise, and the
+policy step of `--finetune`:
+  td3       max Q1(s, pi(s))
+  td3_clip  td3 with dQ/da clipped (TD3-C's "clipping", no constraint): separates the two
+            changes TD3-C makes
+  td3c      Eq. (4)-(5): max Q1(s, pi(s)) s.t. E[(pi(s) - pi_targ(s))^2] <= epsilon, solved as
+            min_{l >= 0} max_theta E[Q1(s, pi(s)) - l ((pi(s) - pi_targ(s))^2 - epsilon)], the
+            dual l learned by gradient steps (`--dual-update`), dQ/da clipped (Table B2)
+  td3bc     the offline loss, unchanged
 The network is the paper's (Acme's LayerNormMLP): Linear -> LayerNorm -> tanh, then ELU layers,
 256-256, for the policy and both critics; the policy's last layer near-zero initialised.
 
 Choices where the paper is silent (flags, documented defaults):
 - Eq. (5) as printed reads  Q - lambda [epsilon - (a - pi')^2],  which would reward deviation;
   the standard Lagrangian sign (penalising (a - pi')^2 above epsilon) is implemented.
-- The dual variable starts at `--init-dual` 0 and takes Adam steps of `--dual-lr` 1e-2 on
-  -(constraint - epsilon), projected onto lambda >= 0 (unknown in the paper): it grows while the
-  constraint is violated and returns to exactly 0 when it is slack. Under Adam, lambda rises by
-  about dual-lr per step for as long as the constraint is violated, and with epsilon = 1e-5 it
-  nearly always is (the actor's own Adam steps keep E[(pi - pi_targ)^2] above it: 2e-5 even at
-  lambda = 4e4), so dual-lr sets how fast the trust region closes. Measured on hopper-medium-v2
-  (seed 0, paper budget, `benchmarks/results/td3c_dual_lr/`): 1.0 froze the policy within a few
-  thousand steps (lambda 4e4, score flat at 46-49 for 200k steps); 1e-2 and 1e-3 both improved
-  to ~102, 1e-2 without the early dip that TD3 and 1e-3 show.
+- The dual update is unknown: the paper (Sec. 3.4) calls the formulation "MPO-like" and
+  optimises primal and dual "jointly by stochastic gradient descent". Three readings are flags:
+  `--dual-update adam` (default; projected Adam steps on lambda >= 0, lambda starts at
+  `--init-dual` 0), `sgd` (projected plain SGD steps: lambda moves in proportion to the
+  violation) and `mpo` (lambda = softplus(eta) + 1e-8, Adam on eta, as Acme's MPO keeps its
+  duals); `--constraint-reduce` sums (default) or averages (pi - pi_targ)^2 over the action
+  dimensions. With Adam, lambda rises by about dual-lr per step for as long as the constraint
+  is violated; with epsilon = 1e-5 and the sum it nearly always was (the actor's own Adam steps
+  kept E[(pi - pi_targ)^2] at ~1.5e-4 at lambda = 555 and 2e-5 at lambda = 4e4), so the dual
+  never settled and dual-lr set how fast the trust region closes (hopper-medium-v2, seed 0,
+  `benchmarks/results/td3c_dual_lr/`: 1.0 froze the policy, 1e-2 and 1e-3 improved to ~102).
+  The study of the readings is the suite `td3c_dual` (benchmarks/suites/td3c_dual.toml).
+- Target networks as in Acme's TD3 (the authors' base): the target critics take a Polyak step
+  every update, the target actor on actor steps only (the TD3 authors delay both). The actor
+  step uses the critics after this step's critic update (TD3 and TD3-BC; Acme: before).
 - Action-gradient clipping as in rlax's dpg loss (Acme DDPG/D4PG): dQ/da clipped elementwise to
   [-`--dqda-clip`, `--dqda-clip`] = [-1, 1], for td3c (the paper's "clipping: yes").
 - The actor gradient uses critic 1 only (Acme's TD3); evaluation: 10 episodes every 5000 steps.
 - `--offline-data init` loads the offline data into the online FIFO buffer (capacity 1e6, so new
-  samples displace the oldest offline ones, as in Acme); `none` starts from an empty buffer
-  (updates start after 1000 samples); `--offline-ratio R` keeps them apart and draws a fixed
-  share R of each batch offline (Appendix C.1). `--offline-steps 0 --offline-data none` is TD3
+  samples displace the oldest offline ones, as in Acme); `none` starts from an empty buffer;
+  `--offline-ratio R` keeps them apart and draws a fixed share R of each batch offline
+  (Appendix C.1). From a separate online buffer, updates start after `--min-replay` 1000 online
+  samples (Acme's minimum replay size). `--offline-steps 0 --offline-data none` is TD3
   from scratch.
 
 Usage:
     python algorithms/td3_c.py --env hopper-medium-v2                       # td3c fine-tuning
     python algorithms/td3_c.py --env hopper-medium-v2 --finetune td3
+    python algorithms/td3_c.py --env hopper-medium-v2 --finetune td3_clip
     python algorithms/td3_c.py --env hopper-medium-v2 --offline-checkpoint RUN/offline.npz \
         --finetune td3bc
 """
@@ -111,8 +122,8 @@ class Args:
     log_every: int = 1_000
     """offline steps compiled into one call and logged together; online steps between logs"""
 
-    finetune: Literal["td3c", "td3", "td3bc"] = "td3c"
-    """the online policy update"""
+    finetune: Literal["td3c", "td3", "td3_clip", "td3bc"] = "td3c"
+    """the online policy update (td3_clip: TD3 with TD3-C's dQ/da clipping and no constraint)"""
     online_steps: int = 200_000
     """environment steps of fine-tuning, one update each (paper: 200k)"""
     offline_data: Literal["init", "none"] = "init"
@@ -125,10 +136,15 @@ class Args:
     """online samples before updates start when the buffer starts without offline data"""
     epsilon: float = 1e-5
     """TD3-C trust-region size (Table B2)"""
+    dual_update: Literal["adam", "sgd", "mpo"] = "adam"
+    """how lambda_c learns: adam / sgd: projected steps on lambda >= 0; mpo: lambda =
+    softplus(eta) + 1e-8 with Adam on eta (Acme's MPO duals); see the header"""
     dual_lr: float = 1e-2
-    """Adam step size of the dual variable (not given in the paper; see the header)"""
+    """step size of the dual update (not given in the paper; see the header)"""
     init_dual: float = 0.0
     """initial value of the dual variable lambda_c"""
+    constraint_reduce: Literal["sum", "mean"] = "sum"
+    """Eq. (4)'s (pi(s) - pi_targ(s))^2: summed or averaged over the action dimensions"""
     dqda_clip: float = 1.0
     """TD3-C: clip dQ/da elementwise to [-c, c] (Table B2 "clipping"); 0 disables"""
     eval_every: int = 5_000
@@ -171,14 +187,14 @@ class TD3State:
     actor_target: dict
     critic: TrainState  # twin critics: leading axis 2
     critic_target: dict
-    dual: TrainState  # lambda_c >= 0 of Eq. (5)
+    dual: TrainState  # lambda_c >= 0 of Eq. (5), or its softplus parameter (dual_update mpo)
     buffer: ReplayBuffer
     key: jax.Array
     step: jax.Array  # updates done (offline and online together)
 
 
 def create_state(args, actor, critic, obs_dim, action_dim, key, buffer) -> TD3State:
-    actor_key, critic_key = jax.random.split(key)
+    actor_key, critic_key, state_key = jax.random.split(key, 3)
     obs, act = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
     actor_params = actor.init(actor_key, obs)
     critic_params = jax.vmap(lambda k: critic.init(k, obs, act))(jax.random.split(critic_key))
@@ -191,10 +207,12 @@ def create_state(args, actor, critic, obs_dim, action_dim, key, buffer) -> TD3St
         ),
         critic_target=copy(critic_params),
         dual=TrainState.create(
-            apply_fn=None, params={"v": jnp.float32(args.init_dual)}, tx=optax.adam(args.dual_lr)
+            apply_fn=None,
+            params={"v": jnp.float32(initial_dual_param(args.init_dual, args.dual_update))},
+            tx=optax.sgd(args.dual_lr) if args.dual_update == "sgd" else optax.adam(args.dual_lr),
         ),
         buffer=buffer,
-        key=key,
+        key=state_key,
         step=jnp.int32(0),
     )
 
@@ -205,9 +223,12 @@ def create_state(args, actor, critic, obs_dim, action_dim, key, buffer) -> TD3St
 
 
 def td3bc_actor_loss(q_pi, pi_actions, data_actions, bc_alpha):
-    """Eq. (3): -lambda Q(s, pi(s)) + (pi(s) - a)^2 with lambda = alpha / mean|Q| (no gradient)."""
+    """Eq. (3): -lambda Q(s, pi(s)) + (pi(s) - a)^2 with lambda = alpha / mean|Q| (no gradient).
+    The squared error is averaged over the batch *and* the action dimensions, as in TD3-BC's
+    code (`F.mse_loss`) and Acme: a sum over dimensions would make the BC term |A| times
+    stronger (effective alpha 2.5 / 3 on hopper)."""
     lam = bc_alpha / jax.lax.stop_gradient(jnp.abs(q_pi).mean())
-    return (-lam * q_pi).mean() + ((pi_actions - data_actions) ** 2).sum(-1).mean()
+    return (-lam * q_pi).mean() + ((pi_actions - data_actions) ** 2).mean()
 
 
 def clipped_dpg_loss(q_fn, actions, clip):
@@ -220,16 +241,40 @@ def clipped_dpg_loss(q_fn, actions, clip):
     return 0.5 * ((target - actions) ** 2).sum(-1).mean()
 
 
-def trust_region_constraint(pi_actions, target_actions):
-    """Eq. (4)'s constraint value E_s[(pi(s) - pi_targ(s))^2] (summed over action dimensions)."""
-    return ((pi_actions - jax.lax.stop_gradient(target_actions)) ** 2).sum(-1).mean()
+def trust_region_constraint(pi_actions, target_actions, reduce: str = "sum"):
+    """Eq. (4)'s constraint value E_s[(pi(s) - pi_targ(s))^2], the squared distance summed
+    (`reduce="sum"`) or averaged ("mean") over the action dimensions."""
+    sq = (pi_actions - jax.lax.stop_gradient(target_actions)) ** 2
+    return (sq.sum(-1) if reduce == "sum" else sq.mean(-1)).mean()
 
 
-def dual_step(dual: TrainState, constraint, epsilon):
-    """One projected gradient step on lambda_c: descending L(lambda) = lambda (epsilon - c)
-    raises lambda while c > epsilon and lowers it (to exactly 0) while c < epsilon."""
-    grads = {"v": epsilon - jax.lax.stop_gradient(constraint)}
+MPO_DUAL_FLOOR = 1e-8  # Acme's MPO keeps each dual at softplus(param) + this constant
+
+
+def dual_value(dual_params, dual_update: str):
+    """lambda_c from the dual's parameter: itself (adam, sgd) or softplus(eta) + 1e-8 (mpo)."""
+    if dual_update == "mpo":
+        return jax.nn.softplus(dual_params["v"]) + MPO_DUAL_FLOOR
+    return dual_params["v"]
+
+
+def initial_dual_param(init_dual: float, dual_update: str) -> float:
+    """The parameter whose `dual_value` is `init_dual` (mpo: the inverse softplus, floored)."""
+    if dual_update == "mpo":
+        return float(np.log(np.expm1(max(init_dual - MPO_DUAL_FLOOR, MPO_DUAL_FLOOR))))
+    return init_dual
+
+
+def dual_step(dual: TrainState, constraint, epsilon, dual_update: str = "adam"):
+    """One gradient step on the dual's parameter for L = lambda_c (epsilon - c), which raises
+    lambda_c while the constraint c exceeds epsilon and lowers it while c < epsilon. adam / sgd
+    step on lambda_c itself and project onto lambda_c >= 0 (so it returns to exactly 0 when the
+    constraint is slack); mpo steps on eta with lambda_c = softplus(eta) + 1e-8 (always > 0)."""
+    slack = epsilon - jax.lax.stop_gradient(constraint)
+    grads = jax.grad(lambda p: dual_value(p, dual_update) * slack)(dual.params)
     dual = dual.apply_gradients(grads=grads)
+    if dual_update == "mpo":
+        return dual
     return dual.replace(params={"v": jnp.maximum(dual.params["v"], 0.0)})
 
 
@@ -238,8 +283,29 @@ def dual_step(dual: TrainState, constraint, epsilon):
 # ================================================================================================
 
 
+# Logged as means over the actor steps only (every `policy_delay`-th update), not diluted by the
+# critic-only steps in between.
+ACTOR_STEP_METRICS = ("actor_loss", "constraint", "policy_change")
+
+
+def mean_over_steps(metrics: dict) -> dict:
+    """Per-update metrics stacked over steps [T] -> their means; the actor's metrics averaged
+    over the steps that updated the actor (`actor_step` = 1), the rest over all steps."""
+    weight = metrics["actor_step"]
+    actor_steps = jnp.maximum(weight.sum(), 1.0)
+    return {
+        k: (v * weight).sum() / actor_steps if k in ACTOR_STEP_METRICS else v.mean()
+        for k, v in metrics.items()
+        if k != "actor_step"
+    }
+
+
 def make_update(args: Args, actor, critic, mode: str):
-    """(state, batch, key) -> (state, metrics); `mode` is "td3bc", "td3" or "td3c"."""
+    """(state, batch, key) -> (state, metrics); `mode` is "td3bc", "td3", "td3_clip" or "td3c".
+    Per step (Acme's TD3): a critic step and a Polyak step of the target critics; every
+    `policy_delay`-th step also an actor step (and, for td3c, a dual step) and a Polyak step of
+    the target actor."""
+    clip_dqda = mode in ("td3c", "td3_clip") and args.dqda_clip > 0
 
     def q1(params, obs, actions):
         return critic.apply(jax.tree_util.tree_map(lambda x: x[0], params), obs, actions)
@@ -266,23 +332,26 @@ def make_update(args: Args, actor, critic, mode: str):
             state.critic.params
         )
         critic_state = state.critic.apply_gradients(grads=grads)
+        # Acme updates the target critics every step (the TD3 authors: on actor steps only).
+        critic_target = optax.incremental_update(critic_state.params, state.critic_target, args.tau)
         target_actions = actor.apply(state.actor_target, obs)
+        dual = dual_value(state.dual.params, args.dual_update)
 
         def actor_loss_fn(params):
             pi = actor.apply(params, obs)
-            constraint = trust_region_constraint(pi, target_actions)
+            constraint = trust_region_constraint(pi, target_actions, args.constraint_reduce)
             if mode == "td3bc":
                 loss = td3bc_actor_loss(
                     q1(critic_state.params, obs, pi), pi, actions, args.bc_alpha
                 )
-            elif args.dqda_clip > 0 and mode == "td3c":
+            elif clip_dqda:
                 loss = clipped_dpg_loss(
                     lambda a: q1(critic_state.params, obs, a), pi, args.dqda_clip
                 )
             else:
                 loss = -q1(critic_state.params, obs, pi).mean()
             if mode == "td3c":  # Eq. (5): the Lagrangian penalty of the trust region
-                loss = loss + state.dual.params["v"] * (constraint - args.epsilon)
+                loss = loss + dual * (constraint - args.epsilon)
             return loss, (pi, constraint)
 
         def delayed_actor_update(_):
@@ -290,38 +359,38 @@ def make_update(args: Args, actor, critic, mode: str):
                 state.actor.params
             )
             new_actor = state.actor.apply_gradients(grads=grads)
-            change = ((actor.apply(new_actor.params, obs) - pi) ** 2).sum(-1).mean()
-            dual = dual_step(state.dual, constraint, args.epsilon) if mode == "td3c" else state.dual
-            new_targets = (
-                optax.incremental_update(new_actor.params, state.actor_target, args.tau),
-                optax.incremental_update(critic_state.params, state.critic_target, args.tau),
+            change = trust_region_constraint(
+                actor.apply(new_actor.params, obs), pi, args.constraint_reduce
             )
-            return new_actor, dual, new_targets, (actor_loss, constraint, change)
+            new_dual = state.dual
+            if mode == "td3c":
+                new_dual = dual_step(state.dual, constraint, args.epsilon, args.dual_update)
+            actor_target = optax.incremental_update(new_actor.params, state.actor_target, args.tau)
+            return new_actor, new_dual, actor_target, (actor_loss, constraint, change)
 
         def no_actor_update(_):
             zero = jnp.float32(0.0)
-            targets = (state.actor_target, state.critic_target)
-            return state.actor, state.dual, targets, (zero, zero, zero)
+            return state.actor, state.dual, state.actor_target, (zero, zero, zero)
 
-        new_actor, dual, (actor_target, critic_target), (actor_loss, constraint, change) = (
-            jax.lax.cond(
-                state.step % args.policy_delay == 0, delayed_actor_update, no_actor_update, None
-            )
+        actor_step = state.step % args.policy_delay == 0
+        new_actor, new_dual, actor_target, (actor_loss, constraint, change) = jax.lax.cond(
+            actor_step, delayed_actor_update, no_actor_update, None
         )
         metrics = {
             "critic_loss": critic_loss,
             "q_mean": q.mean(),
             "actor_loss": actor_loss,
-            "constraint": constraint,  # E[(pi - pi_targ)^2], logged on actor steps (else 0)
+            "constraint": constraint,  # E[(pi - pi_targ)^2] (ACTOR_STEP_METRICS)
             "policy_change": change,  # E[(pi_new - pi_old)^2] of the actor step
-            "dual": dual.params["v"],
+            "dual": dual,  # lambda_c used by this step
+            "actor_step": actor_step.astype(jnp.float32),
         }
         state = state.replace(
             actor=new_actor,
             actor_target=actor_target,
             critic=critic_state,
             critic_target=critic_target,
-            dual=dual,
+            dual=new_dual,
             step=state.step + 1,
         )
         return state, metrics
@@ -439,7 +508,7 @@ def main(args: Args) -> dict:
                 return offline_update(state.replace(key=key), batch, update_key)
 
             state, metrics = jax.lax.scan(body, state, None, length=args.log_every)
-            return state, jax.tree_util.tree_map(jnp.mean, metrics)
+            return state, mean_over_steps(metrics)
 
         bar = tqdm(
             range(progress["offline_step"], args.offline_steps, args.log_every),
@@ -473,7 +542,8 @@ def main(args: Args) -> dict:
         buffer = ReplayBuffer.from_data(
             jax.tree_util.tree_map(lambda x: x[-num:], offline), args.buffer_size
         )
-    state = state.replace(buffer=buffer, key=online_key)
+    online_state_key, first_noise_key = jax.random.split(online_key)
+    state = state.replace(buffer=buffer, key=online_state_key)
     env = OnlineEnv(env_name, args.seed)
     action = np.zeros(action_dim, np.float32)
     if resumed and progress["env_steps"] > 0:
@@ -482,11 +552,11 @@ def main(args: Args) -> dict:
         action = np.asarray(progress["action"], np.float32)
         print(f"resumed online phase at env step {progress['env_steps']}")
     else:  # the first action: the pretrained policy plus exploration noise
-        noise = args.exploration_noise * jax.random.normal(
-            jax.random.fold_in(online_key, 0), (action_dim,)
-        )
+        noise = args.exploration_noise * jax.random.normal(first_noise_key, (action_dim,))
         action = np.asarray(jnp.clip(actor.apply(state.actor.params, env.obs) + noise, -1.0, 1.0))
-    ready_after = 0 if not separate or args.offline_ratio is not None else args.min_replay
+    # Updates start at once from a buffer holding the offline data; from a separate online
+    # buffer (--offline-data none or --offline-ratio) after `min_replay` online samples (Acme).
+    ready_after = args.min_replay if separate else 0
     step_fn = make_env_step(args, actor, critic, action_dim, ready_after)
     start = progress["env_steps"]
     bar = tqdm(
@@ -504,7 +574,7 @@ def main(args: Args) -> dict:
         action = np.asarray(action)
         window.append(metrics)
         if env_steps % args.log_every == 0:
-            means = {k: jnp.stack([m[k] for m in window]).mean() for k in window[0]}
+            means = mean_over_steps({k: jnp.stack([m[k] for m in window]) for k in window[0]})
             logger.log(global_step, means, prefix="online/")
             window = []
         if env_steps % args.eval_every == 0:

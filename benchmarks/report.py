@@ -347,8 +347,13 @@ def report(
         *[x for line in provenance(suite, budget, runs, datasets, seeds) for x in (line, "")],
         "D4RL normalized scores, mean ± std over seeds. *pretrained*: end of offline training; "
         "*fine-tuned*: end of the online budget; *lowest early*: lowest evaluation in the first "
-        "10% of fine-tuning (policy collapse). *paper*: offline → online (δ) from "
-        f"`benchmarks/reference/{suite.reference}` (see its README for the source and protocol).",
+        "10% of fine-tuning (policy collapse). "
+        + (
+            f"*paper*: offline → online (δ) from `benchmarks/reference/{suite.reference}` (see "
+            "its README for the source and protocol)."
+            if suite.reference
+            else "*paper*: the paper reports no numbers for this comparison."
+        ),
         "",
         "| dataset | variant | seeds | pretrained | fine-tuned | δ | lowest early | paper |",
         "|---|---|---|---|---|---|---|---|",

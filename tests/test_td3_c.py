@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import pathlib
 import sys
@@ -6,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 from conftest import assert_same_run, run_script  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -15,13 +17,16 @@ import td3_c  # noqa: E402
 from common.buffers import ReplayBuffer  # noqa: E402
 
 
-def test_td3bc_loss_matches_a_direct_computation():
+def test_td3bc_loss_averages_the_bc_term_over_batch_and_action_dimensions():
+    """Eq. (3) as TD3-BC's code computes it: -lambda mean Q + mean over batch *and* action
+    dimensions of (pi - a)^2 (F.mse_loss); a sum over dimensions would be |A| times stronger."""
     rng = np.random.default_rng(0)
     q = rng.normal(5.0, 2.0, size=16)
     pi, a = rng.uniform(-1, 1, (16, 3)), rng.uniform(-1, 1, (16, 3))
     ours = td3_c.td3bc_actor_loss(jnp.asarray(q), jnp.asarray(pi), jnp.asarray(a), 2.5)
     lam = 2.5 / np.abs(q).mean()
-    assert float(ours) == pytest.approx(-lam * q.mean() + ((pi - a) ** 2).sum(-1).mean(), rel=1e-5)
+    mse = np.mean([np.mean([(pi[i, j] - a[i, j]) ** 2 for j in range(3)]) for i in range(16)])
+    assert float(ours) == pytest.approx(-lam * q.mean() + mse, rel=1e-5)
     # lambda carries no gradient: dL/dq = -lambda / B exactly
     grad_q = jax.grad(lambda q_: td3_c.td3bc_actor_loss(q_, jnp.asarray(pi), jnp.asarray(a), 2.5))(
         jnp.asarray(q)
@@ -29,7 +34,42 @@ def test_td3bc_loss_matches_a_direct_computation():
     np.testing.assert_allclose(grad_q, np.full(16, -lam / 16), rtol=1e-5)
 
 
-def test_dual_grows_when_violated_and_decays_to_zero_when_slack():
+def test_dual_steps_match_each_reading():
+    """The dual step of Eq. (5) for L = lambda (epsilon - c), each reading computed by hand:
+    projected Adam and projected SGD on lambda, Adam on eta with lambda = softplus(eta) + 1e-8."""
+    eps, lr = 1e-5, 0.1
+    constraints = [3e-5, 2e-5, 1e-6, 4e-5, 0.0]
+    for reading in ("adam", "sgd", "mpo"):
+        args = td3_c.Args(dual_lr=lr, dual_update=reading, init_dual=0.5)
+        actor, critic = td3_c.make_networks(args, 3)
+        state = td3_c.create_state(args, actor, critic, 11, 3, jax.random.PRNGKey(0), None)
+        dual = state.dual
+        assert float(td3_c.dual_value(dual.params, reading)) == pytest.approx(0.5, rel=1e-5)
+        for c in constraints:
+            dual = td3_c.dual_step(dual, c, eps, reading)
+        if reading == "sgd":
+            lam = 0.5
+            for c in constraints:
+                lam = max(lam - lr * (eps - c), 0.0)
+        elif reading == "adam":  # projection between the steps: replay it step by step
+            lam, m, v = 0.5, 0.0, 0.0
+            for t, c in enumerate(constraints, start=1):
+                g = eps - c
+                m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+                lam -= lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+                lam = max(lam, 0.0)
+        else:
+            eta0 = np.log(np.expm1(0.5 - 1e-8))
+            eta, m, v = eta0, 0.0, 0.0
+            for t, c in enumerate(constraints, start=1):
+                g = (1 / (1 + np.exp(-eta))) * (eps - c)  # d softplus(eta)/d eta = sigmoid(eta)
+                m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+                eta -= lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+            lam = np.logaddexp(0.0, eta) + 1e-8
+        assert float(td3_c.dual_value(dual.params, reading)) == pytest.approx(lam, rel=1e-4)
+
+
+def test_projected_dual_grows_when_violated_and_decays_to_zero_when_slack():
     args = td3_c.Args(dual_lr=0.1)
     actor, critic = td3_c.make_networks(args, 3)
     state = td3_c.create_state(args, actor, critic, 11, 3, jax.random.PRNGKey(0), None)
@@ -100,6 +140,135 @@ def test_td3c_with_a_huge_epsilon_updates_like_td3():
     assert not np.allclose(kernel(c), kernel(d))
 
 
+def small_td3(seed=0, **overrides):
+    """Plain ReLU networks (hidden 8-8) on a random batch of 16: (args, actor, critic, state,
+    batch) for the equation tests."""
+    args = td3_c.Args(layer_norm=False, hidden_dims=(8, 8), batch_size=16, **overrides)
+    actor, critic = td3_c.make_networks(args, 3)
+    state = td3_c.create_state(args, actor, critic, 5, 3, jax.random.PRNGKey(seed), None)
+    # give the targets their own values, so a test can tell online from target networks
+    shift = lambda t, d: jax.tree_util.tree_map(lambda x: x + d, t)  # noqa: E731
+    state = state.replace(
+        actor_target=shift(state.actor_target, 0.03), critic_target=shift(state.critic_target, 0.02)
+    )
+    rng = np.random.default_rng(seed)
+    batch = {
+        "observations": jnp.asarray(rng.normal(size=(16, 5)), jnp.float32),
+        "actions": jnp.asarray(rng.uniform(-1, 1, (16, 3)), jnp.float32),
+        "rewards": jnp.asarray(rng.normal(size=16), jnp.float32),
+        "next_observations": jnp.asarray(rng.normal(size=(16, 5)), jnp.float32),
+        "terminals": jnp.asarray(rng.integers(0, 2, 16), jnp.float32),
+    }
+    return args, actor, critic, state, batch
+
+
+def test_critic_target_is_td3_eq1_with_target_policy_smoothing():
+    """TD3 Eq. (1): y = r + gamma (1 - d) min_i Q'_i(s', clip(pi'(s') + clip(N(0, 0.2), -0.5,
+    0.5), -1, 1)); the critic loss is the twins' summed mean squared errors to y."""
+    args, actor, critic, state, batch = small_td3()
+    key = jax.random.PRNGKey(7)
+    _, metrics = td3_c.make_update(args, actor, critic, "td3")(state, batch, key)
+    b = {k: np.asarray(v, np.float64) for k, v in batch.items()}
+    noise = np.clip(0.2 * np.asarray(jax.random.normal(key, (16, 3)), np.float64), -0.5, 0.5)
+    next_a = np.clip(
+        ref.deterministic_actor(ref.np_tree(state.actor_target), b["next_observations"]) + noise,
+        -1,
+        1,
+    )
+    targets = ref.np_tree(state.critic_target)
+    next_q = np.minimum(
+        ref.critic(ref.member(targets, 0), b["next_observations"], next_a),
+        ref.critic(ref.member(targets, 1), b["next_observations"], next_a),
+    )
+    y = b["rewards"] + 0.99 * (1 - b["terminals"]) * next_q
+    online = ref.np_tree(state.critic.params)
+    loss = sum(
+        np.mean((ref.critic(ref.member(online, i), b["observations"], b["actions"]) - y) ** 2)
+        for i in range(2)
+    )
+    assert float(metrics["critic_loss"]) == pytest.approx(loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_td3c_actor_loss_is_eq4_eq5(reduce):
+    """TD3-C Eq. (4)-(5) on an actor step: loss = -mean Q1(s, pi(s)) + lambda (c - epsilon),
+    c = E_s[(pi(s) - pi'(s))^2] summed or averaged over the action dimensions; Q1 is the first
+    critic after this step's critic update."""
+    args, actor, critic, state, batch = small_td3(dqda_clip=0.0, constraint_reduce=reduce)
+    state = state.replace(dual=state.dual.replace(params={"v": jnp.float32(3.0)}))
+    new, metrics = td3_c.make_update(args, actor, critic, "td3c")(
+        state, batch, jax.random.PRNGKey(1)
+    )
+    obs = np.asarray(batch["observations"], np.float64)
+    pi = ref.deterministic_actor(ref.np_tree(state.actor.params), obs)
+    pi_targ = ref.deterministic_actor(ref.np_tree(state.actor_target), obs)
+    sq = (pi - pi_targ) ** 2
+    c = (sq.sum(-1) if reduce == "sum" else sq.mean(-1)).mean()
+    q1 = ref.critic(ref.member(ref.np_tree(new.critic.params), 0), obs, pi)
+    assert float(metrics["actor_step"]) == 1.0
+    assert float(metrics["constraint"]) == pytest.approx(c, rel=1e-4)
+    assert float(metrics["actor_loss"]) == pytest.approx(-q1.mean() + 3.0 * (c - 1e-5), rel=1e-4)
+
+
+def test_target_and_delay_schedule_follows_acme_td3():
+    """Target critics take a Polyak step every update; the actor, its target (and the dual)
+    only every policy_delay-th update."""
+    args, actor, critic, state, batch = small_td3()
+    update = jax.jit(td3_c.make_update(args, actor, critic, "td3c"))
+    for i in range(4):
+        new, metrics = update(state, batch, jax.random.PRNGKey(i))
+        ref.assert_tree_close(
+            ref.np_tree(new.critic_target),
+            ref.polyak(ref.np_tree(new.critic.params), ref.np_tree(state.critic_target), 0.005),
+            rtol=1e-5, atol=1e-7,
+        )  # fmt: skip
+        actor_step = i % 2 == 0
+        assert float(metrics["actor_step"]) == float(actor_step)
+        same = lambda a, b: all(  # noqa: E731
+            np.array_equal(x, y)
+            for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+        )
+        assert same(new.actor.params, state.actor.params) != actor_step
+        assert same(new.dual.params, state.dual.params) != actor_step
+        if actor_step:
+            ref.assert_tree_close(
+                ref.np_tree(new.actor_target),
+                ref.polyak(ref.np_tree(new.actor.params), ref.np_tree(state.actor_target), 0.005),
+                rtol=1e-5, atol=1e-7,
+            )  # fmt: skip
+        else:
+            assert same(new.actor_target, state.actor_target)
+        state = new
+
+
+def test_logged_actor_metrics_average_over_actor_steps_only():
+    stacked = {
+        "actor_step": jnp.array([1.0, 0.0, 1.0, 0.0]),
+        "constraint": jnp.array([2.0, 0.0, 4.0, 0.0]),
+        "policy_change": jnp.array([1.0, 0.0, 1.0, 0.0]),
+        "actor_loss": jnp.array([-1.0, 0.0, -3.0, 0.0]),
+        "critic_loss": jnp.array([1.0, 2.0, 3.0, 4.0]),
+    }
+    means = td3_c.mean_over_steps(stacked)
+    assert "actor_step" not in means
+    assert float(means["constraint"]) == 3.0 and float(means["policy_change"]) == 1.0
+    assert float(means["actor_loss"]) == -2.0 and float(means["critic_loss"]) == 2.5
+
+
+def test_td3_clip_is_td3c_without_the_constraint():
+    """td3_clip = TD3 + TD3-C's dQ/da clipping: the same actor as td3c with a slack trust region,
+    a different one from plain td3 once dQ/da leaves [-c, c]."""
+    args, actor, critic, state, batch = small_td3(dqda_clip=0.01)
+    slack = dataclasses.replace(args, epsilon=1e9)
+    key = jax.random.PRNGKey(3)
+    a, _ = td3_c.make_update(args, actor, critic, "td3_clip")(state, batch, key)
+    b, _ = td3_c.make_update(slack, actor, critic, "td3c")(state, batch, key)
+    c, _ = td3_c.make_update(args, actor, critic, "td3")(state, batch, key)
+    ref.assert_tree_close(ref.np_tree(a.actor.params), ref.np_tree(b.actor.params), rtol=1e-6)
+    kernel = lambda s: np.asarray(s.actor.params["params"]["Dense_0"]["kernel"])  # noqa: E731
+    assert not np.allclose(kernel(a), kernel(c))
+
+
 TINY = [
     "--env",
     "hopper-medium-v2",
@@ -151,8 +320,12 @@ def test_tiny_run_and_exact_resume(tiny_root, tmp_path):
 
 def test_offline_ratio_and_no_offline_data_variants(tiny_root, tmp_path):
     ratio = tmp_path / "ratio"
-    run(ratio, tiny_root, "--finetune", "td3bc", "--offline-ratio", "0.5", "--online-steps", "200",
-        "--eval-every", "100")  # fmt: skip
+    run(ratio, tiny_root, "--finetune", "td3bc", "--offline-ratio", "0.5", "--online-steps", "300",
+        "--eval-every", "100", "--min-replay", "150")  # fmt: skip
+    rows = [json.loads(x) for x in (ratio / "metrics.jsonl").read_text().splitlines()]
+    online = [r for r in rows if "online/critic_loss" in r]
+    # with a separate online buffer, no update before `min_replay` online samples (Acme)
+    assert online[0]["online/critic_loss"] == 0.0 and online[1]["online/critic_loss"] > 0
     scratch = tmp_path / "scratch"
     proc = run(
         scratch, tiny_root, "--finetune", "td3", "--offline-steps", "0", "--offline-data", "none",
