@@ -29,6 +29,12 @@ Choices where the paper is silent (flags, documented defaults):
   update each policy against its own Q (Eq. 3) with its own temperature.
 - `--replay uniform` pools offline and online data and samples uniformly; `online-only` samples
   online data alone.
+- Where the paper is silent, fine-tuning follows the same authors' Off2On code (CoRL 2021): the
+  online target critics start as copies of the pretrained online critics, and the actor loss
+  uses the critics before this step's critic update.
+- `--online-cql` keeps the CQL regulariser during fine-tuning (Fig. 10) with the fixed weight
+  `--cql-weight` (no Lagrange tuning online); the policy actions of its log-sum-exp come from the
+  acting policy (the distilled one, or each member's own with --no-distill).
 
 Usage:
     python algorithms/bred.py --env hopper-medium-v2
@@ -74,8 +80,9 @@ class Args:
     """seed of everything (parameters, sampling, environments)"""
     ensemble_size: int = 5
     """N, the number of CQL agents (paper: 5; ablation 1, 2, 5)"""
-    hidden_dims: tuple[int, ...] = (256, 256)
-    """hidden layers of every policy and critic"""
+    hidden_dims: tuple[int, ...] | None = None
+    """hidden layers of every network (default: the papers' 256-256; 256-256-256 on
+    halfcheetah-medium-expert)"""
     batch_size: int = 256
     """B of Eq. (7)"""
     gamma: float = 0.99
@@ -148,6 +155,8 @@ class Args:
     """rho_0 of Eq. (7) (paper: 0.5 or 0.75)"""
     anneal_steps: int = 125_000
     """t_final of Eq. (7): online steps until batches are fully online"""
+    online_cql: bool = False
+    """keep the CQL regulariser during fine-tuning with the fixed weight --cql-weight (Fig. 10)"""
     eval_episodes: int = 5
     """deterministic evaluation episodes per epoch"""
     checkpoint_every: int = 10_000
@@ -170,6 +179,12 @@ class Args:
 # Eq. 5); [BRED] = Lee et al. 2020 (CQL Eq. 4, SAC actor Eq. 3, mixture Eq. 9).
 
 
+def paper_hidden_dims(env: str) -> tuple[int, ...]:
+    """The papers' networks: 2-layer MLPs of 256 units, 3 layers on halfcheetah-medium-expert
+    ([BRED] Appendix A: "3-layer MLPs is more effective for training CQL agents" there)."""
+    return (256, 256, 256) if env.startswith("halfcheetah-medium-expert") else (256, 256)
+
+
 def twin_q(critic: Critic, params, obs, actions):
     """Both critics of one member: params [2, ...], inputs [..., d] -> [2, ...]."""
     return jax.vmap(critic.apply, in_axes=(0, None, None))(params, obs, actions)
@@ -178,11 +193,12 @@ def twin_q(critic: Critic, params, obs, actions):
 def ensemble_moments(means, log_stds):
     """[CoRL] Eq. (5) / [BRED] Eq. (9): mean and std of the Gaussian matched to the mixture
     (1/N) sum_i N(mu_i, sigma_i^2) in pre-tanh space. means, log_stds [N, ..., A] -> mean,
-    std [..., A]; std clamped to [e^-20, e^2] as in the CoRL authors' code."""
+    std [..., A]; std clamped to [e^-20, e^2] as in the CoRL authors' code. The variance is
+    computed as mean(sigma_i^2) + mean((mu_i - mu)^2), which equals the papers'
+    mean(sigma_i^2 + mu_i^2) - mu^2 but does not cancel in float32 (no sqrt(0), no NaN gradient)."""
     mean = means.mean(0)
-    var = (jnp.exp(2 * log_stds) + means**2).mean(0) - mean**2
-    std = jnp.sqrt(jnp.maximum(var, 1e-40))
-    return mean, jnp.clip(std, math.exp(-20), math.exp(2))
+    var = jnp.exp(2 * log_stds).mean(0) + ((means - mean) ** 2).mean(0)
+    return mean, jnp.clip(jnp.sqrt(var), math.exp(-20), math.exp(2))
 
 
 @struct.dataclass
@@ -206,6 +222,27 @@ def cql_regularizer(q_data, q_rand, q_curr, q_next, logp_curr, logp_next, action
     )  # [2, 3n, B]
     logsumexp = temperature * jax.nn.logsumexp(stacked / temperature, axis=1)  # [2, B]
     return logsumexp.mean(-1) - q_data.mean(-1)
+
+
+def online_cql_gap(args, actor, critic, actor_params, critic_params, obs, next_obs, q_data, key):
+    """[CoRL] Appendix E / [BRED] Fig. 10: the CQL gap of one member's twin critics during
+    fine-tuning (Eq. 3 / Eq. 4), its policy actions drawn from `actor_params` at s and s'.
+    q_data [2, B] (the critics at the batch's actions) -> [2]."""
+    n = args.cql_n_actions
+    k_rand, k_curr, k_next = jax.random.split(key, 3)
+    dist_s = tanh_gaussian(*actor.apply(actor_params, obs))
+    dist_next = tanh_gaussian(*actor.apply(actor_params, next_obs))
+    curr, logp_curr = dist_s.sample_and_log_prob(seed=k_curr, sample_shape=(n,))
+    nxt, logp_next = dist_next.sample_and_log_prob(seed=k_next, sample_shape=(n,))
+    action_dim = curr.shape[-1]
+    rand = jax.random.uniform(k_rand, curr.shape, minval=-1, maxval=1)
+    acts = jax.lax.stop_gradient(jnp.concatenate([rand, curr, nxt]))
+    q = twin_q(critic, critic_params, jnp.broadcast_to(obs, (3 * n, *obs.shape)), acts)
+    return cql_regularizer(
+        q_data, q[:, :n], q[:, n : 2 * n], q[:, 2 * n :],
+        jax.lax.stop_gradient(logp_curr), jax.lax.stop_gradient(logp_next),
+        action_dim, args.cql_temperature,
+    )  # fmt: skip
 
 
 def make_cql_update(args: Args, actor: TanhGaussianPolicy, critic: Critic, action_dim: int):
@@ -546,7 +583,7 @@ def make_online_update(args: Args, actor, critic, action_dim: int):
         return tanh_gaussian(mean, jnp.log(std))
 
     def update(state: OnlineState, offline: dict, key):
-        k_batch, k_next, k_pi = jax.random.split(key, 3)
+        k_batch, k_next, k_pi, k_cql = jax.random.split(key, 4)
         batch, is_online = balanced_batch(offline, state.online, k_batch, state.env_steps, args)
         obs, actions, next_obs = batch["observations"], batch["actions"], batch["next_observations"]
         alpha = jnp.exp(state.log_alpha.params["v"])  # [P]
@@ -572,7 +609,19 @@ def make_online_update(args: Args, actor, critic, action_dim: int):
 
         def critic_loss_fn(params):
             q = jax.vmap(twin_q, in_axes=(None, 0, None, None))(critic, params, obs, actions)
-            return ((q - target[:, None]) ** 2).mean(-1).sum(), q
+            bellman = ((q - target[:, None]) ** 2).mean(-1).sum()  # summed over members, twins
+            if not args.online_cql:
+                return bellman, q
+            # Fig. 10: each member's CQL gap with the acting policy's actions (the distilled
+            # policy, or the member's own policy with --no-distill)
+            gap = lambda a, c, q_i, k: online_cql_gap(  # noqa: E731
+                args, actor, critic, a, c, obs, next_obs, q_i, k
+            )
+            policy_axis = 0 if independent else None
+            gaps = jax.vmap(gap, in_axes=(policy_axis, 0, 0, 0))(
+                state.policy.params, params, q, jax.random.split(k_cql, args.ensemble_size)
+            )
+            return bellman + args.cql_weight * gaps.sum(), q
 
         (critic_loss, q), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
             state.critic.params
@@ -580,7 +629,8 @@ def make_online_update(args: Args, actor, critic, action_dim: int):
         critic_state = state.critic.apply_gradients(grads=grads)
         critic_target = optax.incremental_update(critic_state.params, state.critic_target, args.tau)
 
-        # Actor: the distilled policy against the mean Q (Eq. 10-11), or each policy with its Q.
+        # Actor: the distilled policy against the mean Q (Eq. 10-11), or each policy with its Q;
+        # the critics before this step's update (as in the same authors' Off2On code).
         if independent:
 
             def actor_loss_fn(params):
@@ -590,13 +640,13 @@ def make_online_update(args: Args, actor, critic, action_dim: int):
                     return (a * logp - twin_q(critic, c, obs, acts).min(0)).mean(), logp
 
                 keys = jax.random.split(k_pi, args.ensemble_size)
-                losses, logp = jax.vmap(member_loss)(params, critic_state.params, alpha, keys)
+                losses, logp = jax.vmap(member_loss)(params, state.critic.params, alpha, keys)
                 return losses.sum(), logp  # [N, B]
         else:
 
             def actor_loss_fn(params):
                 loss, logp = distilled_actor_loss(
-                    actor, critic, params, critic_state.params, obs, k_pi, alpha[0]
+                    actor, critic, params, state.critic.params, obs, k_pi, alpha[0]
                 )
                 return loss, logp[None]
 
@@ -661,7 +711,7 @@ def create_online_state(args, members: CQLMember, policy_params, obs_dim, action
         critic=TrainState.create(
             apply_fn=None, params=members.critic.params, tx=optax.adam(args.q_lr)
         ),
-        critic_target=jax.tree_util.tree_map(jnp.copy, members.critic_target),
+        critic_target=jax.tree_util.tree_map(jnp.copy, members.critic.params),
         log_alpha=TrainState.create(
             apply_fn=None,
             params={"v": jnp.full(num_alphas, math.log(args.init_alpha), jnp.float32)},
@@ -679,6 +729,8 @@ def create_online_state(args, members: CQLMember, policy_params, obs_dim, action
 
 
 def main(args: Args) -> dict:
+    if args.hidden_dims is None:
+        args = dataclasses.replace(args, hidden_dims=paper_hidden_dims(args.env))
     if args.online_steps % args.steps_per_epoch:
         raise DatasetError("--online-steps must be a multiple of --steps-per-epoch")
     if args.offline_steps % args.log_every or args.offline_eval_every % args.log_every:

@@ -10,10 +10,15 @@ a BC warm start of the policy, and a deterministic backup.
 Online: the ensemble agent of Eq. (5): a Gaussian with the mixture's mean and variance in pre-tanh
 space (exploration samples it; evaluation uses tanh of its mean) and the mean-of-members critic
 for the actor loss; SAC updates (Eq. 1-2) without the CQL term, auto-tuned temperature reset to 1.
+As in the authors' code, both losses of a step use the critics before that step's update, the
+temperature learns at the policy's learning rate, and the online target critics start as copies
+of the (pretrained) online critics.
 Balanced replay (Sec. 4.1): one on-device prioritized buffer holds the offline data (priority 1)
-and the online samples; a density-ratio network w(s,a) ~ d_on/d_off is trained with the JS lower
-bound of Eq. (4) on offline vs online batches; after every RL update the sampled transitions get
-priority w^(1/T) self-normalised over a uniform offline batch (Eq. 6), clamped to [1e-3, 1e3].
+and the online samples; a density-ratio network w(s,a) ~ d_on/d_off (last layer U(-3e-3, 3e-3),
+bias 1, so w ~ 1 at the start) is trained with the JS lower bound of Eq. (4) on a uniform offline
+and a uniform online batch per update; at every RL update the sampled transitions get priority
+w^(1/T), from the density-ratio net before its step, self-normalised over that step's offline
+batch (Eq. 6), clamped to [1e-3, 1e3].
 New online samples enter at priority M f / ((1 - f) 1000) (M offline transitions, f the initial
 online fraction), so the first 1000 online samples make up about f of a batch; the default only
 grows (it tracks the largest priority seen).
@@ -29,6 +34,10 @@ Deviations and choices:
 - `--online-cql` keeps the CQL term online (Appendix E) with the fixed weight --cql-weight (no
   Lagrange tuning online).
 - The FQE initialisation of Sec. 3 (`--init fqe`) is not implemented.
+- Hidden layers use Flax's default initialisation (rlkit: fan-in uniform).
+- Q AUROC (Fig. 4b) is logged every epoch on a uniform sample of `--auroc-samples` 5000 online
+  (s, a) pairs (the paper: all of them) with `--auroc-random-actions` 10 uniform actions per
+  state; the paper's single-Q curve is a separate N=1 agent (a run with --ensemble-size 1).
 - The offline and online updates are implemented with one optimizer state over the stacked member
   parameters; Adam is elementwise, so this equals one Adam per member.
 
@@ -76,8 +85,9 @@ class Args:
     """seed of everything (parameters, sampling, environments)"""
     ensemble_size: int = 5
     """N, the number of CQL agents (paper: 5; ablation 1, 2, 5)"""
-    hidden_dims: tuple[int, ...] = (256, 256)
-    """hidden layers of every policy and critic"""
+    hidden_dims: tuple[int, ...] | None = None
+    """hidden layers of every network (default: the papers' 256-256; 256-256-256 on
+    halfcheetah-medium-expert)"""
     batch_size: int = 256
     """minibatch size of every gradient step"""
     gamma: float = 0.99
@@ -121,11 +131,9 @@ class Args:
     first_epoch_multiplier: int = 10
     """the first epoch runs this many times more updates (paper appendix: 5; code: 10)"""
     policy_lr: float = 3e-4
-    """online policy learning rate"""
+    """online policy and temperature learning rate (the authors' temperature shares it)"""
     q_lr: float = 3e-4
     """online critic learning rate"""
-    alpha_lr: float = 3e-4
-    """temperature learning rate"""
     online_buffer_size: int = 250_000
     """online slots of the replay buffer (the offline data are kept besides)"""
     replay: Literal["balanced", "uniform", "online-only"] = "balanced"
@@ -142,8 +150,10 @@ class Args:
     """keep the CQL regulariser during fine-tuning (Appendix E ablation)"""
     eval_episodes: int = 5
     """deterministic evaluation episodes (authors: 5 per epoch)"""
-    auroc_samples: int = 1_000
-    """recent online (s, a) pairs used for the Q-ensemble AUROC diagnostic (Fig. 4b)"""
+    auroc_samples: int = 5_000
+    """online (s, a) pairs drawn uniformly from all online data so far for the Q AUROC (Fig. 4b)"""
+    auroc_random_actions: int = 10
+    """uniformly random actions per sampled state: the unseen pairs of the Q AUROC (Fig. 4b)"""
     checkpoint_every: int = 10_000
     """steps (offline gradient steps, online env steps) between full checkpoints"""
 
@@ -162,8 +172,17 @@ class Args:
 # ================================================================================================
 
 
+def uniform_init(scale: float):
+    """U(-scale, scale), rlkit's `init_w` for last layers."""
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -scale, scale
+    )
+
+
 class DensityRatio(nn.Module):
-    """w(s, a) >= 0: MLP, last bias initialised to 1, ReLU output (authors' code)."""
+    """w(s, a) >= 0: MLP with a ReLU output; the last layer's bias starts at 1 and its weights in
+    U(-3e-3, 3e-3) (authors' code), so w(s, a) ~ 1 everywhere at the start (with Flax's default
+    last-layer init, 1-23% of raw-observation inputs start at w = 0: zero gradient there)."""
 
     hidden_dims: tuple[int, ...] = (256, 256)
 
@@ -172,7 +191,8 @@ class DensityRatio(nn.Module):
         x = jnp.concatenate([obs, action], -1)
         for width in self.hidden_dims:
             x = nn.relu(nn.Dense(width)(x))
-        return nn.relu(nn.Dense(1, bias_init=nn.initializers.ones)(x)).squeeze(-1)
+        last = nn.Dense(1, kernel_init=uniform_init(3e-3), bias_init=nn.initializers.ones)
+        return nn.relu(last(x)).squeeze(-1)
 
 
 # ==== BEGIN SHARED BLOCK: CQL ensemble pretraining ============================================
@@ -180,6 +200,12 @@ class DensityRatio(nn.Module):
 # checks it): an ensemble of N CQL agents, vmapped over the member axis, each member on its own
 # minibatches. Equation numbers: [CoRL] = Lee et al. 2021 (CQL Eq. 3, SAC actor Eq. 2, mixture
 # Eq. 5); [BRED] = Lee et al. 2020 (CQL Eq. 4, SAC actor Eq. 3, mixture Eq. 9).
+
+
+def paper_hidden_dims(env: str) -> tuple[int, ...]:
+    """The papers' networks: 2-layer MLPs of 256 units, 3 layers on halfcheetah-medium-expert
+    ([BRED] Appendix A: "3-layer MLPs is more effective for training CQL agents" there)."""
+    return (256, 256, 256) if env.startswith("halfcheetah-medium-expert") else (256, 256)
 
 
 def twin_q(critic: Critic, params, obs, actions):
@@ -190,11 +216,12 @@ def twin_q(critic: Critic, params, obs, actions):
 def ensemble_moments(means, log_stds):
     """[CoRL] Eq. (5) / [BRED] Eq. (9): mean and std of the Gaussian matched to the mixture
     (1/N) sum_i N(mu_i, sigma_i^2) in pre-tanh space. means, log_stds [N, ..., A] -> mean,
-    std [..., A]; std clamped to [e^-20, e^2] as in the CoRL authors' code."""
+    std [..., A]; std clamped to [e^-20, e^2] as in the CoRL authors' code. The variance is
+    computed as mean(sigma_i^2) + mean((mu_i - mu)^2), which equals the papers'
+    mean(sigma_i^2 + mu_i^2) - mu^2 but does not cancel in float32 (no sqrt(0), no NaN gradient)."""
     mean = means.mean(0)
-    var = (jnp.exp(2 * log_stds) + means**2).mean(0) - mean**2
-    std = jnp.sqrt(jnp.maximum(var, 1e-40))
-    return mean, jnp.clip(std, math.exp(-20), math.exp(2))
+    var = jnp.exp(2 * log_stds).mean(0) + ((means - mean) ** 2).mean(0)
+    return mean, jnp.clip(jnp.sqrt(var), math.exp(-20), math.exp(2))
 
 
 @struct.dataclass
@@ -218,6 +245,27 @@ def cql_regularizer(q_data, q_rand, q_curr, q_next, logp_curr, logp_next, action
     )  # [2, 3n, B]
     logsumexp = temperature * jax.nn.logsumexp(stacked / temperature, axis=1)  # [2, B]
     return logsumexp.mean(-1) - q_data.mean(-1)
+
+
+def online_cql_gap(args, actor, critic, actor_params, critic_params, obs, next_obs, q_data, key):
+    """[CoRL] Appendix E / [BRED] Fig. 10: the CQL gap of one member's twin critics during
+    fine-tuning (Eq. 3 / Eq. 4), its policy actions drawn from `actor_params` at s and s'.
+    q_data [2, B] (the critics at the batch's actions) -> [2]."""
+    n = args.cql_n_actions
+    k_rand, k_curr, k_next = jax.random.split(key, 3)
+    dist_s = tanh_gaussian(*actor.apply(actor_params, obs))
+    dist_next = tanh_gaussian(*actor.apply(actor_params, next_obs))
+    curr, logp_curr = dist_s.sample_and_log_prob(seed=k_curr, sample_shape=(n,))
+    nxt, logp_next = dist_next.sample_and_log_prob(seed=k_next, sample_shape=(n,))
+    action_dim = curr.shape[-1]
+    rand = jax.random.uniform(k_rand, curr.shape, minval=-1, maxval=1)
+    acts = jax.lax.stop_gradient(jnp.concatenate([rand, curr, nxt]))
+    q = twin_q(critic, critic_params, jnp.broadcast_to(obs, (3 * n, *obs.shape)), acts)
+    return cql_regularizer(
+        q_data, q[:, :n], q[:, n : 2 * n], q[:, 2 * n :],
+        jax.lax.stop_gradient(logp_curr), jax.lax.stop_gradient(logp_next),
+        action_dim, args.cql_temperature,
+    )  # fmt: skip
 
 
 def make_cql_update(args: Args, actor: TanhGaussianPolicy, critic: Critic, action_dim: int):
@@ -440,7 +488,8 @@ def js_density_ratio_loss(w_offline, w_online):
 
 
 def balanced_priorities(w_batch, w_offline_reference, temperature):
-    """Eq. (6): w^(1/T) self-normalised by its mean over a uniform offline batch, clamped."""
+    """Eq. (6): w^(1/T) self-normalised by its mean over a uniform offline batch (the
+    density-ratio step's own offline batch, as in the authors' code), clamped to [1e-3, 1e3]."""
     scaled = w_batch ** (1.0 / temperature)
     norm = (w_offline_reference ** (1.0 / temperature)).mean()
     return jnp.clip(scaled / (norm + 1e-10), 1e-3, 1e3)
@@ -463,8 +512,10 @@ def auroc(positive_scores, negative_scores):
 
 def create_online_state(args, members: CQLMember, offline: dict, density_ratio, key, dr_key):
     """The fine-tuning state: the pretrained members with fresh optimizers (online learning
-    rates), temperature reset to 1, and the buffer holding the offline data (priority 1) with
-    the default priority of new online samples set for the initial online fraction."""
+    rates), target critics copied from the online critics (authors' code), temperature reset to
+    1 and learned at the policy's learning rate, and the buffer holding the offline data
+    (priority 1) with the default priority of new online samples set for the initial online
+    fraction."""
     num_offline, action_dim = offline["actions"].shape
     buffer = PrioritizedBuffer.from_data(
         offline, capacity=num_offline + args.online_buffer_size, priority=1.0, keep=True
@@ -481,9 +532,9 @@ def create_online_state(args, members: CQLMember, offline: dict, density_ratio, 
         critic=TrainState.create(
             apply_fn=None, params=members.critic.params, tx=optax.adam(args.q_lr)
         ),
-        critic_target=jax.tree_util.tree_map(jnp.copy, members.critic_target),
+        critic_target=jax.tree_util.tree_map(jnp.copy, members.critic.params),
         log_alpha=TrainState.create(
-            apply_fn=None, params={"v": jnp.float32(0.0)}, tx=optax.adam(args.alpha_lr)
+            apply_fn=None, params={"v": jnp.float32(0.0)}, tx=optax.adam(args.policy_lr)
         ),
         density_ratio=TrainState.create(apply_fn=None, params=dr_params, tx=optax.adam(args.dr_lr)),
         buffer=buffer,
@@ -494,7 +545,6 @@ def create_online_state(args, members: CQLMember, offline: dict, density_ratio, 
 
 def make_online_update(args, actor, critic, density_ratio, action_dim, num_offline):
     target_entropy = -float(action_dim)
-    n = args.cql_n_actions
 
     def rows(buffer, idx):
         return jax.tree_util.tree_map(lambda x: x[idx], buffer.storage.data)
@@ -508,24 +558,8 @@ def make_online_update(args, actor, critic, density_ratio, action_dim, num_offli
             idx = jax.random.randint(key, (args.batch_size,), num_offline, buffer.size)
         return rows(buffer, idx), idx
 
-    def member_cql_term(critic_params, actor_params, obs, next_obs, q_data, key):
-        """Eq. (3)'s regulariser for one member with its own policy (online CQL ablation)."""
-        k_rand, k_curr, k_next = jax.random.split(key, 3)
-        dist_s = tanh_gaussian(*actor.apply(actor_params, obs))
-        dist_next = tanh_gaussian(*actor.apply(actor_params, next_obs))
-        rand = jax.random.uniform(k_rand, (n, *obs.shape[:-1], action_dim), minval=-1, maxval=1)
-        curr, logp_curr = dist_s.sample_and_log_prob(seed=k_curr, sample_shape=(n,))
-        nxt, logp_next = dist_next.sample_and_log_prob(seed=k_next, sample_shape=(n,))
-        acts = jax.lax.stop_gradient(jnp.concatenate([rand, curr, nxt]))
-        q = twin_q(critic, critic_params, jnp.broadcast_to(obs, (3 * n, *obs.shape)), acts)
-        return cql_regularizer(
-            q_data, q[:, :n], q[:, n : 2 * n], q[:, 2 * n :],
-            jax.lax.stop_gradient(logp_curr), jax.lax.stop_gradient(logp_next),
-            action_dim, args.cql_temperature,
-        )  # fmt: skip
-
     def update(state: OnlineState, key):
-        k_batch, k_next, k_pi, k_cql, k_off, k_on, k_ref = jax.random.split(key, 7)
+        k_batch, k_next, k_pi, k_cql, k_off, k_on = jax.random.split(key, 6)
         batch, idx = sample_rl_batch(state.buffer, k_batch)
         obs, actions, next_obs = batch["observations"], batch["actions"], batch["next_observations"]
         alpha = jnp.exp(state.log_alpha.params["v"])
@@ -546,10 +580,12 @@ def make_online_update(args, actor, critic, density_ratio, action_dim, num_offli
             bellman = ((q - target[:, None]) ** 2).mean(-1).sum()  # summed over members, twins
             if not args.online_cql:
                 return bellman, q
-            gaps = jax.vmap(member_cql_term, in_axes=(0, 0, None, None, 0, 0))(
-                params, state.actor.params, obs, next_obs, q,
-                jax.random.split(k_cql, args.ensemble_size),
-            )  # fmt: skip
+            gap = lambda a, c, q_i, k: online_cql_gap(  # noqa: E731
+                args, actor, critic, a, c, obs, next_obs, q_i, k
+            )
+            gaps = jax.vmap(gap)(
+                state.actor.params, params, q, jax.random.split(k_cql, args.ensemble_size)
+            )
             return bellman + args.cql_weight * gaps.sum(), q
 
         (critic_loss, q), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
@@ -558,12 +594,14 @@ def make_online_update(args, actor, critic, density_ratio, action_dim, num_offli
         critic_state = state.critic.apply_gradients(grads=grads)
         critic_target = optax.incremental_update(critic_state.params, state.critic_target, args.tau)
 
-        # Actor (Eq. 2) through the ensemble policy of Eq. (5), against the mean-of-members Q.
+        # Actor (Eq. 2) through the ensemble policy of Eq. (5), against the mean-of-members Q
+        # of the critics before this step's update (the authors' code computes both losses
+        # first, then steps).
         def actor_loss_fn(params):
             dist, _ = ensemble_policy(actor, params, obs)
             new_actions, logp = dist.sample_and_log_prob(seed=k_pi)
             q_new = jax.vmap(twin_q, in_axes=(None, 0, None, None))(
-                critic, critic_state.params, obs, new_actions
+                critic, state.critic.params, obs, new_actions
             ).min(1)  # [N, B]
             return (alpha * logp - q_new.mean(0)).mean(), logp
 
@@ -586,7 +624,9 @@ def make_online_update(args, actor, critic, density_ratio, action_dim, num_offli
             "offline_fraction": (idx < num_offline).mean(),
         }
 
-        # Balanced replay: a density-ratio step (Eq. 4), then new priorities (Eq. 6).
+        # Balanced replay: new priorities of the sampled transitions (Eq. 6) from the
+        # density-ratio net before its step, normalised over that step's offline batch; then
+        # the density-ratio step (Eq. 4) on a uniform offline and a uniform online batch.
         buffer, dr_state = state.buffer, state.density_ratio
         if args.replay == "balanced":
             size = buffer.size
@@ -601,12 +641,10 @@ def make_online_update(args, actor, critic, density_ratio, action_dim, num_offli
             (dr_loss, (w_off, w_on)), grads = jax.value_and_grad(dr_loss_fn, has_aux=True)(
                 dr_state.params
             )
-            dr_state = dr_state.apply_gradients(grads=grads)
-            ref = rows(buffer, jax.random.randint(k_ref, (args.dr_batch_size,), 0, num_offline))
-            w_ref = density_ratio.apply(dr_state.params, ref["observations"], ref["actions"])
             w_batch = density_ratio.apply(dr_state.params, obs, actions)
-            priorities = balanced_priorities(w_batch, w_ref, args.temperature)
+            priorities = balanced_priorities(w_batch, w_off, args.temperature)
             buffer = buffer.update_priorities(idx, priorities)
+            dr_state = dr_state.apply_gradients(grads=grads)
             metrics |= {
                 "dr_loss": dr_loss,
                 "w_offline": w_off.mean(),
@@ -644,14 +682,21 @@ def make_online_update(args, actor, critic, density_ratio, action_dim, num_offli
     return jax.jit(insert_and_train, donate_argnums=0)
 
 
-def q_auroc(critic, critic_params, obs, seen_actions, key):
-    """Fig. 4b: Q as a classifier of seen vs uniformly random actions at online states. Returns
-    (AUROC of the ensemble mean Q, mean AUROC of the individual members)."""
-    random_actions = jax.random.uniform(key, seen_actions.shape, minval=-1, maxval=1)
-    q_of = lambda a: jax.vmap(twin_q, in_axes=(None, 0, None, None))(  # noqa: E731
-        critic, critic_params, obs, a
-    ).min(1)  # [N, S]
-    q_seen, q_rand = q_of(seen_actions), q_of(random_actions)
+def q_auroc(critic, critic_params, obs, seen_actions, key, random_per_state: int):
+    """Fig. 4b: Q as a classifier of seen (s, a) pairs against (s, a_uniform) at online states,
+    `random_per_state` uniform actions per state. Returns (AUROC of the ensemble's Q, the mean
+    over members of each member's own AUROC); Q of a member is the min of its twin critics, the
+    ensemble's Q their mean (the Q of Eq. 2). The paper's single-Q comparison is a separate N=1
+    agent: a run with --ensemble-size 1."""
+    random_actions = jax.random.uniform(
+        key, (random_per_state, *seen_actions.shape), minval=-1, maxval=1
+    )
+    q_of = lambda o, a: jax.vmap(twin_q, in_axes=(None, 0, None, None))(  # noqa: E731
+        critic, critic_params, o, a
+    ).min(1)
+    q_seen = q_of(obs, seen_actions)  # [N, S]
+    q_rand = q_of(jnp.broadcast_to(obs, random_actions.shape[:-1] + obs.shape[-1:]), random_actions)
+    q_rand = q_rand.reshape(q_rand.shape[0], -1)  # [N, k S]
     members = jax.vmap(auroc)(q_seen, q_rand)
     return auroc(q_seen.mean(0), q_rand.mean(0)), members.mean()
 
@@ -662,6 +707,8 @@ def q_auroc(critic, critic_params, obs, seen_actions, key):
 
 
 def main(args: Args) -> dict:
+    if args.hidden_dims is None:
+        args = dataclasses.replace(args, hidden_dims=paper_hidden_dims(args.env))
     if args.online_steps % args.steps_per_epoch:
         raise DatasetError("--online-steps must be a multiple of --steps-per-epoch")
     if args.offline_steps % args.log_every or args.offline_eval_every % args.log_every:
@@ -737,6 +784,8 @@ def main(args: Args) -> dict:
         args, actor, critic, density_ratio, action_dim, num_offline
     )
 
+    q_auroc_jit = jax.jit(q_auroc, static_argnums=(0, 5))
+
     @jax.jit
     def explore(actor_params, obs, key):
         dist, _ = ensemble_policy(actor, actor_params, obs[None])
@@ -777,14 +826,16 @@ def main(args: Args) -> dict:
         env_steps += args.steps_per_epoch
         global_step += args.steps_per_epoch
 
-        recent = jnp.arange(
-            num_offline + env_steps - min(env_steps, args.auroc_samples), num_offline + env_steps
+        # Fig. 4b over the online data so far: a uniform sample of `auroc_samples` pairs.
+        sample_key, action_key = jax.random.split(auroc_key)
+        online_stored = min(env_steps, args.online_buffer_size)
+        pairs = num_offline + jax.random.randint(
+            sample_key, (args.auroc_samples,), 0, online_stored
         )
-        recent = num_offline + (recent - num_offline) % args.online_buffer_size
         stored = state.buffer.storage.data
-        auc_ens, auc_member = q_auroc(
-            critic, state.critic.params, stored["observations"][recent], stored["actions"][recent],
-            auroc_key,
+        auc_ens, auc_member = q_auroc_jit(
+            critic, state.critic.params, stored["observations"][pairs], stored["actions"][pairs],
+            action_key, args.auroc_random_actions,
         )  # fmt: skip
         logger.log(
             global_step,

@@ -102,7 +102,7 @@ def bench_off2on(data, quick: bool) -> dict:
     members = o2o.create_cql_members(
         args, actor, critic, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0)
     )
-    density_ratio = o2o.DensityRatio(args.hidden_dims)
+    density_ratio = o2o.DensityRatio()
     online = o2o.create_online_state(
         args, members, data, density_ratio, jax.random.PRNGKey(2), jax.random.PRNGKey(3)
     )

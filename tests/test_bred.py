@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import pathlib
 import sys
@@ -6,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 from conftest import assert_same_run, run_script  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -100,6 +102,116 @@ def test_mean_q_actor_loss_matches_a_direct_computation():
         q_members.append(np.minimum(*map(np.asarray, twins)))
     direct = np.mean(alpha * np.asarray(logp) - np.mean(q_members, axis=0))
     assert float(loss) == pytest.approx(direct, rel=1e-5)
+
+
+def test_distillation_loss_is_eq8():
+    """Eq. (8): E_s[ ||mu_pd(s) - mu_hat(s)||^2 + ||sigma_pd(s) - sigma_hat(s)||^2 ], in NumPy."""
+    actor = TanhGaussianPolicy(2, (8, 8))
+    rng = np.random.default_rng(0)
+    obs = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    params = actor.init(jax.random.PRNGKey(0), obs)
+    mu_hat = jnp.asarray(rng.normal(size=(6, 2)), jnp.float32)
+    sigma_hat = jnp.asarray(rng.uniform(0.1, 2.0, (6, 2)), jnp.float32)
+    ours = bred.distillation_loss(actor, params, obs, mu_hat, sigma_hat)
+    mean, log_std = ref.gaussian_policy(ref.np_tree(params), np.asarray(obs, np.float64))
+    expected = np.mean(
+        ((mean - np.asarray(mu_hat)) ** 2).sum(-1)
+        + ((np.exp(log_std) - np.asarray(sigma_hat)) ** 2).sum(-1)
+    )
+    assert float(ours) == pytest.approx(expected, rel=1e-5)
+
+
+def one_row_bred(args, seed=0):
+    """BRED's fine-tuning state for N=2 tiny members (obs 3, actions 2) whose offline data and
+    online buffer hold one and the same transition, so every batch is that row.
+    -> (state, insert_and_train, offline, online rows, the row)."""
+    actor, critic = TanhGaussianPolicy(2, args.hidden_dims), Critic(args.hidden_dims)
+    rng = np.random.default_rng(seed)
+    row = {
+        "observations": rng.normal(size=3), "actions": rng.uniform(-0.9, 0.9, 2),
+        "rewards": rng.normal(), "next_observations": rng.normal(size=3), "terminals": 0.0,
+        "timeouts": 0.0,
+    }  # fmt: skip
+    tile = lambda n: {k: jnp.asarray(np.tile(v, (n, 1)).squeeze(), jnp.float32)  # noqa: E731
+                      for k, v in row.items()}  # fmt: skip
+    key = jax.random.PRNGKey(seed)
+    members = bred.create_cql_members(args, actor, critic, 3, 2, key)
+    independent = args.no_distill
+    policy = members.actor.params if independent else jax.tree_util.tree_map(
+        lambda x: x[0], members.actor.params
+    )  # fmt: skip
+    state = bred.create_online_state(args, members, policy, 3, 2, key)
+    state = state.replace(
+        critic_target=jax.tree_util.tree_map(lambda x: x - 0.05, state.critic_target)
+    )
+    train, _ = bred.make_online_update(args, actor, critic, 2)
+    return state, train, tile(16), tile(8), row
+
+
+def test_no_distill_update_is_eq1_to_3_per_member():
+    """--no-distill (Fig. 5): member i bootstraps with a' ~ pi_i(.|s') against its own twin
+    target critics, y_i = r + gamma (1 - d) (min_j Q'_ij(s', a'_i) - alpha_i log pi_i(a'_i|s'));
+    its policy minimises E[alpha_i log pi_i(b|s) - min_j Q_ij(s, b)] (Eq. 3) with the critics
+    before this step's update; the losses are summed over members. NumPy, draws by the
+    update's key convention."""
+    args = bred.Args(ensemble_size=2, hidden_dims=(8, 8), batch_size=8, no_distill=True)
+    state, train, offline, online, row = one_row_bred(args)
+    snap = ref.np_tree({"policy": state.policy.params, "critic": state.critic.params,
+                        "target": state.critic_target})  # fmt: skip
+    _, loop_key = jax.random.split(state.key)
+    _, k_next, k_pi, _ = jax.random.split(jax.random.fold_in(loop_key, 0), 4)
+    _, metrics = train(state, offline, online, jnp.int32(1))
+    obs, nobs = np.tile(row["observations"], (8, 1)), np.tile(row["next_observations"], (8, 1))
+    act = np.tile(row["actions"], (8, 1))
+    eps_next = np.asarray(jax.random.normal(k_next, (2, 8, 2)), np.float64)
+    critic_loss, actor_loss = 0.0, 0.0
+    for i, k_i in enumerate(jax.random.split(k_pi, 2)):
+        pol, c, t = (ref.member(snap[x], i) for x in ("policy", "critic", "target"))
+        mean, log_std = ref.gaussian_policy(pol, nobs)
+        u = mean + np.exp(log_std) * eps_next[i]
+        logp = ref.tanh_gaussian_log_prob(u, mean, np.exp(log_std))
+        next_q = np.minimum(*[ref.critic(ref.member(t, j), nobs, np.tanh(u)) for j in range(2)])
+        y = row["rewards"] + 0.99 * (next_q - 1.0 * logp)  # alpha_i = 1 before its step
+        critic_loss += sum(np.mean((ref.critic(ref.member(c, j), obs, act) - y) ** 2)
+                           for j in range(2))  # fmt: skip
+        mean, log_std = ref.gaussian_policy(pol, obs)
+        u = mean + np.exp(log_std) * np.asarray(jax.random.normal(k_i, (8, 2)), np.float64)
+        logp = ref.tanh_gaussian_log_prob(u, mean, np.exp(log_std))
+        q = np.minimum(*[ref.critic(ref.member(c, j), obs, np.tanh(u)) for j in range(2)])
+        actor_loss += np.mean(logp - q)
+    assert float(metrics["critic_loss"]) == pytest.approx(critic_loss, rel=1e-4)
+    assert float(metrics["actor_loss"]) == pytest.approx(actor_loss, rel=1e-4, abs=1e-4)
+
+
+def test_online_cql_adds_the_weighted_gap_of_each_member():
+    """--online-cql (Fig. 10): the critic loss gains cql_weight times the members' CQL gaps
+    (the gap itself is checked against NumPy in test_off2on_balanced), computed with the
+    distilled policy's actions."""
+    base = bred.Args(ensemble_size=2, hidden_dims=(8, 8), batch_size=8, cql_weight=3.0)
+    with_cql = dataclasses.replace(base, online_cql=True)
+    state, train, offline, online, row = one_row_bred(base)
+    copy = lambda t: jax.tree_util.tree_map(jnp.array, t)  # noqa: E731 - the update donates
+    critics, policy = copy(state.critic.params), copy(state.policy.params)
+    _, loop_key = jax.random.split(state.key)
+    *_, k_cql = jax.random.split(jax.random.fold_in(loop_key, 0), 4)
+    _, plain = train(state, offline, online, jnp.int32(1))
+    state, train_cql, *_ = one_row_bred(with_cql)
+    _, cql = train_cql(state, offline, online, jnp.int32(1))
+    actor, critic = TanhGaussianPolicy(2, (8, 8)), Critic((8, 8))
+    obs = jnp.asarray(np.tile(row["observations"], (8, 1)), jnp.float32)
+    nobs = jnp.asarray(np.tile(row["next_observations"], (8, 1)), jnp.float32)
+    act = jnp.asarray(np.tile(row["actions"], (8, 1)), jnp.float32)
+    gaps = [
+        bred.online_cql_gap(
+            with_cql, actor, critic, policy, jax.tree_util.tree_map(lambda x, i=i: x[i], critics),
+            obs, nobs, bred.twin_q(critic, jax.tree_util.tree_map(lambda x, i=i: x[i], critics),
+                                   obs, act), k,
+        ).sum()
+        for i, k in enumerate(jax.random.split(k_cql, 2))
+    ]  # fmt: skip
+    assert float(cql["critic_loss"]) == pytest.approx(
+        float(plain["critic_loss"]) + 3.0 * float(sum(gaps)), rel=1e-4
+    )
 
 
 TINY = [
