@@ -52,6 +52,17 @@ Choices where the paper is silent (documented defaults):
   (the paper evaluates after every 1000 steps in both phases).
 - Log densities of the tanh-Gaussian are computed from the pre-tanh sample (never via atanh of
   a saturated action), so log pi_0 at the policy's own actions is exact and finite.
+- The temperature loss (Eq. 6) is the standard one on log alpha, -log alpha (log pi +
+  target entropy) (SAC's and rlkit's code). d3rlpy, which the authors' code builds on,
+  differentiates through alpha = exp(log alpha): its gradient then shrinks with alpha, and
+  under Adam the offline alpha stalled near 1e-10 here.
+- The k schedule is the authors' code: k drops by k0 / (K 1000) per gradient step, so with the
+  medium defaults (1, 40, 0.5) it reaches k_min = 0.5 after 20k updates; Table 10's caption
+  ("K episodes") implies that k reaches its floor after K = 40 episodes (40k steps).
+- Logged diagnostics for the online phase (why ACA does or does not improve): `pi0_log_std`, the
+  mean log-std of pi_0 at the batch states (a sharp pi_0 makes k CLIP(log pi_0) dominate), and
+  at the policy's own actions E|dR/da| (`grad_r`) beside k E|d CLIP(log pi_0)/da| (`grad_prior`),
+  the two forces on the actor.
 
 Usage:
     python algorithms/aca.py --env hopper-medium-v2
@@ -299,6 +310,12 @@ def create_offline_state(args: Args, actor, critic, baseline, obs_dim, action_di
     )
 
 
+def temperature_loss(log_alpha, log_pi, target_entropy):
+    """Eq. (6) on log alpha: -log alpha E[log pi(a|s) + target entropy] (no gradient through
+    log pi), so its gradient does not shrink with alpha (see the header)."""
+    return -(log_alpha * jax.lax.stop_gradient(log_pi + target_entropy)).mean()
+
+
 def ml_actor_loss(log_prob_data, q_pi, log_pi, alpha, weight):
     """Eq. (4): E[-log pi(a|s) - lambda (Q(s,b) - alpha log pi(b|s))], lambda = w / mean|Q(s,b)|
     carrying no gradient. Returns (loss, lambda)."""
@@ -345,9 +362,9 @@ def make_offline_update(args: Args, actor, critic, baseline, action_dim: int):
 
         # Temperature, Eq. (6).
         logp = squashed_log_prob(sample_pre_tanh(mean, log_std, k_alpha), mean, log_std)
-        alpha_grads = jax.grad(
-            lambda p: -(jnp.exp(p["v"]) * jax.lax.stop_gradient(logp + target_entropy)).mean()
-        )(state.log_alpha.params)
+        alpha_grads = jax.grad(lambda p: temperature_loss(p["v"], logp, target_entropy))(
+            state.log_alpha.params
+        )
         log_alpha = state.log_alpha.apply_gradients(grads=alpha_grads)
         alpha = jnp.exp(log_alpha.params["v"])
 
@@ -541,9 +558,9 @@ def make_online_update(args: Args, settings: OnlineSettings, actor, critic, acti
 
         # Temperature, Eq. (6).
         logp = squashed_log_prob(sample_pre_tanh(mean, log_std, k_alpha), mean, log_std)
-        alpha_grads = jax.grad(
-            lambda p: -(jnp.exp(p["v"]) * jax.lax.stop_gradient(logp + target_entropy)).mean()
-        )(state.log_alpha.params)
+        alpha_grads = jax.grad(lambda p: temperature_loss(p["v"], logp, target_entropy))(
+            state.log_alpha.params
+        )
         log_alpha = state.log_alpha.apply_gradients(grads=alpha_grads)
         alpha = jnp.exp(log_alpha.params["v"])
 
@@ -569,6 +586,16 @@ def make_online_update(args: Args, settings: OnlineSettings, actor, critic, acti
             state.critic.params
         )
         critic_state = state.critic.apply_gradients(grads=grads)
+
+        # Diagnostics: the pull of R and of the prior k CLIP(log pi_0) on the policy's actions
+        # (d/da; the prior through u = atanh(a), du/da = 1 / (1 - a^2)), and pi_0's sharpness.
+        u_pi = sample_pre_tanh(mean, log_std, k_pi)
+        grad_r = jax.grad(lambda a: twin(critic, critic_state.params, obs, a).min(0).sum())(
+            jnp.tanh(u_pi)
+        )
+        grad_prior = jax.grad(lambda u: clipped_log_pi0(state.actor_0, obs, u)[0].sum())(u_pi)
+        grad_prior = grad_prior / jnp.maximum(1.0 - jnp.tanh(u_pi) ** 2, 1e-6)
+        pi0_log_std = actor.apply(state.actor_0, obs)[1]
 
         # Actor, Eq. (20): E[alpha log pi(b|s) - (min R(s,b) + k CLIP(log pi_0(b|s)))].
         def actor_loss_fn(params):
@@ -599,6 +626,9 @@ def make_online_update(args: Args, settings: OnlineSettings, actor, critic, acti
             "q_mean": (prior_data[None] + r).mean(),  # the full Q(s,a) of Eq. (19)
             "log_pi0": prior.mean(),  # CLIP(log pi_0) at the policy's actions
             "clip_active": clipped.mean(),  # share of those below C_beta(s)
+            "pi0_log_std": pi0_log_std.mean(),
+            "grad_r": jnp.abs(grad_r).mean(),  # E|dR/da| at the policy's actions
+            "grad_prior": k * jnp.abs(grad_prior).mean(),  # k E|d CLIP(log pi_0)/da| there
         }
         state = state.replace(
             actor=actor_state,
@@ -759,7 +789,8 @@ def main(args: Args) -> dict:
         f"{int(buffer.size)} offline transitions ({settings.offline_data}"
         + (f", top {settings.top_n} episodes)" if settings.offline_data == "topn" else ")")
     )
-    online = create_online_state(args, state, obs_dim, action_dim, buffer, online_key)
+    online_state_key, first_action_key = jax.random.split(online_key)
+    online = create_online_state(args, state, obs_dim, action_dim, buffer, online_state_key)
     env = OnlineEnv(env_name, args.seed)
     if resumed and progress["env_steps"] > 0:
         online, progress = load_checkpoint(ckpt_path, online)
@@ -768,9 +799,7 @@ def main(args: Args) -> dict:
         print(f"resumed online phase at env step {progress['env_steps']}")
     else:  # the first action: a sample of the pretrained policy
         mean, log_std = actor.apply(online.actor.params, jnp.asarray(env.obs))
-        action = np.asarray(
-            jnp.tanh(sample_pre_tanh(mean, log_std, jax.random.fold_in(online_key, 0)))
-        )
+        action = np.asarray(jnp.tanh(sample_pre_tanh(mean, log_std, first_action_key)))
     step_fn = make_env_step(args, settings, actor, critic, action_dim)
     start = progress["env_steps"]
     bar = tqdm(

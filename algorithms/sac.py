@@ -202,9 +202,9 @@ def make_train_step(args: Args, action_dim: int):
 
         # Temperature, Eq. (18).
         entropy_gap = jax.lax.stop_gradient(log_probs + target_entropy).mean()
-        alpha_grad = jax.grad(lambda p: -jnp.exp(p["log_alpha"]) * entropy_gap)(
-            state.log_alpha.params
-        )
+        # The standard temperature loss on log alpha (SAC's and rlkit's code): through exp(log
+        # alpha) its gradient shrinks with alpha and Adam stalls alpha near 0.
+        alpha_grad = jax.grad(lambda p: -p["log_alpha"] * entropy_gap)(state.log_alpha.params)
         log_alpha = state.log_alpha.apply_gradients(grads=alpha_grad)
 
         metrics = {

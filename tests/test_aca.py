@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 from conftest import assert_same_run, run_script  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -259,3 +260,148 @@ def test_cql_pretraining_and_baselines_from_the_same_offline_checkpoint(tiny_roo
                "--top-n", "5")  # fmt: skip
     assert "top 5 episodes" in proc.stdout
     assert int(proc.stdout.split("buffer starts with ")[1].split()[0]) > 0
+
+
+# ---- Independent NumPy checks of the equations (tests/reference.py) ----
+
+
+def np_log_pi(params, obs, u):
+    """log pi(tanh(u)|s) of the tanh-Gaussian policy `params`, from the pre-tanh u."""
+    mean, log_std = ref.gaussian_policy(params, obs)
+    return ref.tanh_gaussian_log_prob(u, mean, np.exp(log_std))
+
+
+def np_clip_log_pi0(params0, obs, u, beta):
+    """Eq. (12)-(13): softplus(log pi_0 - C) + C, C = min(log pi_0(mu -+ beta sigma))."""
+    mean, log_std = ref.gaussian_policy(params0, obs)
+    std = np.exp(log_std)
+    c = np.minimum(
+        ref.tanh_gaussian_log_prob(mean - beta * std, mean, std),
+        ref.tanh_gaussian_log_prob(mean + beta * std, mean, std),
+    )
+    return np.logaddexp(0.0, np_log_pi(params0, obs, u) - c) + c
+
+
+def test_temperature_loss_is_eq6_on_log_alpha():
+    """Eq. (6): d/d log alpha of -log alpha (log pi + H_target) = -(E log pi + H_target), the
+    same at every alpha (through exp(log alpha) it would shrink with alpha)."""
+    logp = jnp.asarray(np.random.default_rng(0).normal(size=32), jnp.float32)
+    expected = -(float(np.mean(np.asarray(logp, np.float64))) - 3.0)
+    for log_alpha in (0.0, -5.0, -20.0):
+        grad = jax.grad(lambda x: aca.temperature_loss(x, logp, -3.0))(jnp.float32(log_alpha))
+        assert float(grad) == pytest.approx(expected, rel=1e-5)
+
+
+def test_beta_clip_is_eq13():
+    rng = np.random.default_rng(2)
+    mean = rng.normal(size=(16, ACT))
+    log_std = rng.uniform(-2, 0.5, (16, ACT))
+    u = mean + np.exp(log_std) * rng.uniform(-10, 10, (16, ACT))
+    std = np.exp(log_std)
+    c = np.minimum(
+        ref.tanh_gaussian_log_prob(mean - 7 * std, mean, std),
+        ref.tanh_gaussian_log_prob(mean + 7 * std, mean, std),
+    )
+    f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    ours_c = aca.beta_clip_point(f(mean), f(log_std), 7.0)
+    np.testing.assert_allclose(ours_c, c, rtol=1e-4, atol=1e-4)
+    log_pi0 = ref.tanh_gaussian_log_prob(u, mean, std)
+    np.testing.assert_allclose(
+        aca.beta_clip(f(log_pi0), ours_c), np.logaddexp(0.0, log_pi0 - c) + c, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_offline_critic_loss_is_eq5_with_the_updated_temperature():
+    """Eq. (5): y = r + gamma (1 - d) (min_j Q'_j(s', a') - alpha log pi(a'|s')), a' = tanh(u'),
+    u' ~ N(mu(s'), sigma(s')), alpha after this step's Eq. (6) update; loss = sum_j mean
+    (Q_j(s, a) - y)^2. Draws use the update's key convention; the rest is NumPy."""
+    args = aca.Args(hidden_dims=(8, 8))
+    state, actor, critic, baseline = offline_state(args, seed=3)
+    shift = lambda t, d: jax.tree_util.tree_map(lambda x: x + d, t)  # noqa: E731
+    state = state.replace(critic_target=shift(state.critic_target, 0.05))
+    batch = random_batch(32, seed=3)
+    b = {k: np.asarray(v, np.float64) for k, v in batch.items()}
+    snapshot = ref.np_tree({"actor": state.actor.params, "target": state.critic_target,
+                            "critic": state.critic.params})  # fmt: skip
+    _, k_alpha, k_next, *_ = jax.random.split(state.key, 7)
+    new, metrics = jax.jit(aca.make_offline_update(args, actor, critic, baseline, ACT))(
+        state, batch
+    )
+    alpha = float(np.exp(float(new.log_alpha.params["v"])))
+    mean, log_std = ref.gaussian_policy(snapshot["actor"], b["next_observations"])
+    u = mean + np.exp(log_std) * np.asarray(jax.random.normal(k_next, mean.shape), np.float64)
+    logp = ref.tanh_gaussian_log_prob(u, mean, np.exp(log_std))
+    next_q = np.minimum(*[
+        ref.critic(ref.member(snapshot["target"], j), b["next_observations"], np.tanh(u))
+        for j in range(2)
+    ])  # fmt: skip
+    y = b["rewards"] + 0.99 * (1 - b["terminals"]) * (next_q - alpha * logp)
+    loss = sum(
+        np.mean(
+            (ref.critic(ref.member(snapshot["critic"], j), b["observations"], b["actions"]) - y)
+            ** 2
+        )
+        for j in range(2)
+    )
+    assert float(metrics["critic_loss"]) == pytest.approx(loss, rel=1e-4)
+
+
+def test_online_critic_and_actor_losses_are_eq20_to_22():
+    """Eq. (21)-(22): Q_j(s, a) = k CLIP(log pi_0(a|s)) + R_j(s, a), target y = r + gamma (1-d)
+    [min_j R'_j(s', a') + k CLIP(log pi_0(a'|s')) - alpha log pi(a'|s')]; Eq. (20): actor loss
+    E[alpha log pi(b|s) - (min_j R_j(s, b) + k CLIP(log pi_0(b|s)))] with the updated R."""
+    args = aca.Args(hidden_dims=(8, 8), k_init=0.8)
+    settings = aca.online_settings(args, "medium")
+    state, actor, critic, _ = offline_state(args, seed=4)
+    online = aca.create_online_state(args, state, OBS, ACT, None, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(4)
+    noisy = lambda t: jax.tree_util.tree_map(  # noqa: E731
+        lambda x: x + jnp.asarray(rng.normal(0, 0.1, x.shape), jnp.float32), t
+    )
+    online = online.replace(
+        actor=online.actor.replace(params=noisy(online.actor.params)),
+        critic=online.critic.replace(params=noisy(online.critic.params)),
+        critic_target=noisy(online.critic_target),
+    )
+    batch = random_batch(32, seed=4)
+    b = {k: np.asarray(v, np.float64) for k, v in batch.items()}
+    snap = ref.np_tree(
+        {"actor": online.actor.params, "actor_0": online.actor_0,
+         "critic": online.critic.params, "target": online.critic_target}
+    )  # fmt: skip
+    key = jax.random.PRNGKey(9)
+    new, metrics = aca.make_online_update(args, settings, actor, critic, ACT)(online, batch, key)
+    _, k_next, k_pi = jax.random.split(key, 3)
+    alpha, k, beta = float(metrics["alpha"]), 0.8, settings.beta
+    assert float(metrics["k"]) == pytest.approx(k)
+    obs, nobs = b["observations"], b["next_observations"]
+
+    mean, log_std = ref.gaussian_policy(snap["actor"], nobs)
+    u_next = mean + np.exp(log_std) * np.asarray(jax.random.normal(k_next, mean.shape), np.float64)
+    r_next = np.minimum(*[
+        ref.critic(ref.member(snap["target"], j), nobs, np.tanh(u_next)) for j in range(2)
+    ])  # fmt: skip
+    y = b["rewards"] + 0.99 * (1 - b["terminals"]) * (
+        r_next
+        + k * np_clip_log_pi0(snap["actor_0"], nobs, u_next, beta)
+        - alpha * np_log_pi(snap["actor"], nobs, u_next)
+    )
+    u_data = np.arctanh(np.clip(b["actions"], -1 + 1e-6, 1 - 1e-6))
+    prior_data = k * np_clip_log_pi0(snap["actor_0"], obs, u_data, beta)
+    critic_loss = sum(
+        np.mean(
+            (prior_data + ref.critic(ref.member(snap["critic"], j), obs, b["actions"]) - y) ** 2
+        )
+        for j in range(2)
+    )
+    assert float(metrics["critic_loss"]) == pytest.approx(critic_loss, rel=1e-4)
+
+    mean, log_std = ref.gaussian_policy(snap["actor"], obs)
+    u = mean + np.exp(log_std) * np.asarray(jax.random.normal(k_pi, mean.shape), np.float64)
+    r_new = ref.np_tree(new.critic.params)
+    r_pi = np.minimum(*[ref.critic(ref.member(r_new, j), obs, np.tanh(u)) for j in range(2)])
+    actor_loss = np.mean(
+        alpha * np_log_pi(snap["actor"], obs, u)
+        - (r_pi + k * np_clip_log_pi0(snap["actor_0"], obs, u, beta))
+    )
+    assert float(metrics["actor_loss"]) == pytest.approx(actor_loss, rel=1e-4, abs=1e-4)
