@@ -109,7 +109,19 @@ def mean_std(values) -> str:
 def paper_cell(ref: dict | None) -> str:
     if not ref:
         return "—"
-    return f"{float(ref['offline']):.1f} → {float(ref['online']):.1f} ({float(ref['delta']):+.1f})"
+    at = f" @ {int(ref['step']) // 1000}k" if ref.get("step") else ""
+    return (
+        f"{float(ref['offline']):.1f} → {float(ref['online']):.1f} ({float(ref['delta']):+.1f})"
+        + at
+    )
+
+
+def score_at(curve: list, step: int) -> float:
+    """The run's score at online step `step`: its last evaluation at or before it (NaN when the
+    run stopped before `step`), so a reference measured at 100k is compared at 100k."""
+    if not curve or curve[-1][0] < step:
+        return math.nan
+    return [v for s, v in curve if s <= step][-1]
 
 
 def provenance(suite, budget, runs: list[dict], datasets: list[str], seeds: list[int]) -> list[str]:
@@ -286,6 +298,11 @@ def report(
                     "finetuned": mean_std([r["finetuned"] for r in mine]),
                     "delta": mean_std([r["delta"] for r in mine]),
                     "early_min": mean_std([r["early_min"] for r in mine]),
+                    "at_paper_step": mean_std(
+                        [score_at(r["curve"], int(ref["step"])) for r in mine]
+                        if ref and ref.get("step")
+                        else []
+                    ),
                     "paper": paper_cell(ref),
                     "paper_method": variant.paper or "",
                 }
@@ -349,19 +366,23 @@ def report(
         "*fine-tuned*: end of the online budget; *lowest early*: lowest evaluation in the first "
         "10% of fine-tuning (policy collapse). "
         + (
-            f"*paper*: offline → online (δ) from `benchmarks/reference/{suite.reference}` (see "
-            "its README for the source and protocol)."
+            f"*paper*: offline → online (δ) @ the online step it was measured at, from "
+            f"`benchmarks/reference/{suite.reference}` (see its README for the source and "
+            "protocol); *at paper's step*: our score at that step (the evaluation at or before "
+            "it), the number to set beside the paper's."
             if suite.reference
             else "*paper*: the paper reports no numbers for this comparison."
         ),
         "",
-        "| dataset | variant | seeds | pretrained | fine-tuned | δ | lowest early | paper |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dataset | variant | seeds | pretrained | fine-tuned | δ | lowest early "
+        "| at paper's step | paper |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['dataset']} | {r['variant']} | {r['seeds']} | {r['pretrained']} | "
-            f"{r['finetuned']} | {r['delta']} | {r['early_min']} | {r['paper']} |"
+            f"{r['finetuned']} | {r['delta']} | {r['early_min']} | {r['at_paper_step']} | "
+            f"{r['paper']} |"
         )
     lines += ["", "## Aggregate (IQM of final scores, 95% stratified bootstrap CI, rliable)", ""]
     if aggregate_rows:

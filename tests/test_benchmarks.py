@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -368,3 +369,17 @@ def test_schedule_keeps_suites_apart_when_their_job_keys_repeat(tmp_path):
             assert outcome[job.uid].startswith("skipped") and job not in launched
         elif job.suite == "td3c_table1":
             assert outcome[job.uid] == "finished"
+
+
+def test_report_compares_with_the_reference_at_its_own_step():
+    """off2on_fig3's reference was measured at 100k online steps: the report's "at paper's step"
+    is the evaluation at 100k (or the last before it), not the end of a 250k run."""
+    curve = [(0, 10.0), (50_000, 20.0), (100_000, 30.0), (150_000, 40.0), (250_000, 90.0)]
+    assert report.score_at(curve, 100_000) == 30.0
+    assert report.score_at(curve, 120_000) == 30.0  # the last evaluation before the step
+    assert math.isnan(report.score_at(curve[:3], 120_000))  # the run stopped before it
+    refs = report.read_reference(sweep.load_suite("off2on_fig3"))
+    assert {int(r["step"]) for r in refs.values()} == {100_000}
+    assert report.paper_cell(refs[("BR", "hopper-random-v2")]).endswith("@ 100k")
+    td3c = report.read_reference(sweep.load_suite("td3c_table1"))
+    assert {int(r["step"]) for r in td3c.values()} == {200_000}
