@@ -128,6 +128,16 @@ def provenance(suite, budget, runs: list[dict], datasets: list[str], seeds: list
     """Report lines on what was run where it is less than the budget's protocol, and on which
     datasets the runs loaded (generated ones are not D4RL's own data)."""
     lines = []
+    if budget.offline_checkpoint or budget.pretraining_seed is not None:
+        source = (
+            f"the committed checkpoint `{budget.offline_checkpoint}`"
+            if budget.offline_checkpoint
+            else f"one pretraining per dataset (seed {budget.pretraining_seed})"
+        )
+        lines.append(
+            f"Pretraining: every seed fine-tunes {source}, so the spread over seeds is "
+            "fine-tuning variance only (the papers pretrain once per seed)."
+        )
     planned_datasets = suite.datasets_for(budget)
     if len(datasets) < len(planned_datasets) or seeds != sorted(set(budget.seeds)):
         lines.append(

@@ -38,6 +38,12 @@ class Budget:
     args: tuple[str, ...]
     datasets: tuple[str, ...] | None  # None: all of the suite's datasets
     tiny_datasets: int | None  # smoke: generate tiny random-action datasets of this many steps
+    # With shared pretraining: one pretraining job per dataset, run with this seed, from which
+    # every seed fine-tunes (the seeds then differ in fine-tuning only). None: one per seed.
+    pretraining_seed: int | None = None
+    # A committed offline checkpoint (repo-relative path) every fine-tuning job loads instead of
+    # a pretraining job, e.g. pretrained/hopper-medium-v2/cql_n5_200k/ensemble.npz.
+    offline_checkpoint: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +102,8 @@ def load_suite(name: str) -> Suite:
             args=tuple(b["args"]),
             datasets=tuple(b["datasets"]) if "datasets" in b else None,
             tiny_datasets=b.get("tiny_datasets"),
+            pretraining_seed=b.get("pretraining_seed"),
+            offline_checkpoint=b.get("offline_checkpoint"),
         )
         unknown = set(budgets[key].datasets or ()) - set(raw["datasets"])
         if unknown:
@@ -154,7 +162,8 @@ def expand(
     datasets: list[str] | None = None,
     seeds: list[int] | None = None,
 ) -> list[Job]:
-    """Every job of the sweep, pretraining jobs before the fine-tuning jobs that need them."""
+    """Every job of the sweep, pretraining jobs before the fine-tuning jobs that need them (a
+    pretraining job shared by several seeds, see `Budget.pretraining_seed`, is listed once)."""
     chosen = suite.datasets_for(budget)
     if datasets:
         unknown = [d for d in datasets if d not in suite.datasets]
@@ -180,23 +189,30 @@ def expand(
         for seed in seeds if seeds is not None else budget.seeds:
             head = ["--env", dataset, "--seed", str(seed), *common]
             seed_dir = base / dataset / f"seed{seed}"
+            pre_seed = seed if budget.pretraining_seed is None else budget.pretraining_seed
             pretrain = None
-            if source is not None:  # the other suite's job: same run dir, so it runs only once
+            if budget.offline_checkpoint:  # a committed checkpoint: nothing to pretrain
+                pass
+            elif source is not None:  # the other suite's job: same run dir, so it runs only once
                 (pretrain,) = [
                     j
-                    for j in expand(source, source.budget(budget.name), root, [dataset], [seed])
+                    for j in expand(source, source.budget(budget.name), root, [dataset], [pre_seed])
                     if j.variant == "pretrain"
                 ]
-                jobs.append(pretrain)
             elif suite.shared_pretraining:
+                pre_head = ["--env", dataset, "--seed", str(pre_seed), *common]
                 pretrain = Job(
-                    f"{dataset}/seed{seed}/pretrain", suite.name, dataset, seed, "pretrain",
-                    seed_dir / "pretrain", tuple(head + ["--online-steps", "0"]), None,
+                    f"{dataset}/seed{pre_seed}/pretrain", suite.name, dataset, pre_seed,
+                    "pretrain", base / dataset / f"seed{pre_seed}" / "pretrain",
+                    tuple(pre_head + ["--online-steps", "0"]), None,
                 )  # fmt: skip
+            if pretrain is not None and pretrain not in jobs:
                 jobs.append(pretrain)
             for variant in suite.variants:
                 argv = head + list(variant.args)
-                if pretrain is not None:
+                if budget.offline_checkpoint:
+                    argv += ["--offline-checkpoint", str(REPO / budget.offline_checkpoint)]
+                elif pretrain is not None:
                     argv += ["--offline-checkpoint", str(pretrain.run_dir / "offline.npz")]
                 jobs.append(
                     Job(

@@ -1,6 +1,7 @@
 """The benchmark harness: suites, runner (local and Ray backends, kill + restart), report."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -383,3 +384,26 @@ def test_report_compares_with_the_reference_at_its_own_step():
     assert report.paper_cell(refs[("BR", "hopper-random-v2")]).endswith("@ 100k")
     td3c = report.read_reference(sweep.load_suite("td3c_table1"))
     assert {int(r["step"]) for r in td3c.values()} == {200_000}
+
+
+def test_one_pretraining_for_all_seeds_or_a_committed_checkpoint(tmp_path):
+    """pretraining_seed: one pretraining job per dataset that every seed fine-tunes from;
+    offline_checkpoint: no pretraining job, every fine-tuning job loads the committed file."""
+    suite = sweep.load_suite("td3c_dual")
+    budget = suite.budget("cpu")
+    assert budget.pretraining_seed == 0
+    jobs = sweep.expand(suite, budget, tmp_path)
+    (pretrain,) = [j for j in jobs if j.variant == "pretrain"]
+    assert pretrain.seed == 0 and _flags(pretrain.argv)["--seed"] == ["0"]
+    tuned = [j for j in jobs if j.variant != "pretrain"]
+    assert {j.seed for j in tuned} == {0, 1, 2} and len(tuned) == 3 * len(suite.variants)
+    for job in tuned:
+        assert job.after == pretrain.uid and _flags(job.argv)["--seed"] == [str(job.seed)]
+        assert job.argv[-1] == str(pretrain.run_dir / "offline.npz")
+    assert jobs.index(pretrain) == 0  # before every job that needs it
+    committed = dataclasses.replace(budget, pretraining_seed=None, offline_checkpoint="pre/x.npz")
+    jobs = sweep.expand(suite, committed, tmp_path)
+    assert all(j.variant != "pretrain" and j.after is None for j in jobs)
+    assert all(j.argv[-2:] == ("--offline-checkpoint", str(REPO / "pre/x.npz")) for j in jobs)
+    line = report.provenance(suite, committed, [], ["hopper-medium-expert-v2"], [0, 1, 2])[0]
+    assert "pre/x.npz" in line and "fine-tuning variance only" in line
