@@ -99,7 +99,7 @@ class Args:
     offline_steps: int = 1_000_000
     """offline gradient steps per member (CQL: 1000 epochs x 1000)"""
     offline_checkpoint: str | None = None
-    """path of a saved offline ensemble (`offline.npz`): skip pretraining"""
+    """a saved CQL ensemble: a run's `offline.npz` or an exported `ensemble.npz` (pretrained/)"""
     offline_policy_lr: float = 1e-4
     """offline (CQL) policy and temperature learning rate"""
     offline_q_lr: float = 3e-4
@@ -451,6 +451,50 @@ def pretrain_cql_ensemble(
     return members, key
 
 
+# The metadata `kind` of an exported ensemble (benchmarks/export_pretrained.py).
+PRETRAINED_KIND = "cql_ensemble_params"
+
+
+def load_offline_ensemble(path, members: CQLMember, env: str) -> CQLMember:
+    """--offline-checkpoint: a run's `offline.npz` (the whole CQL state) or an exported
+    ensemble (`ensemble.npz` of benchmarks/export_pretrained.py: each member's policy and twin
+    critics; the rest starts fresh and the target critics as copies of the critics, which is
+    all fine-tuning reads). An exported ensemble of more members than `members` gives its first
+    N (member 0 alone is an N=1 CQL agent: the members were trained independently)."""
+    if read_checkpoint_metadata(path).get("kind") != PRETRAINED_KIND:
+        (members, _), _ = load_checkpoint(path, (members, jax.random.PRNGKey(0)))
+        return members
+    meta = read_checkpoint_metadata(path)
+    n, saved = jax.tree_util.tree_leaves(members.actor.params)[0].shape[0], meta["ensemble_size"]
+    if meta["dataset"] != env:
+        raise DatasetError(
+            f"--offline-checkpoint {path} was pretrained on {meta['dataset']}, not {env}: pass "
+            f"--env {meta['dataset']} or an ensemble pretrained on {env}"
+        )
+    if saved < n:
+        raise DatasetError(
+            f"--offline-checkpoint {path} holds {saved} members, fewer than --ensemble-size {n}"
+        )
+    template = jax.tree_util.tree_map(
+        lambda x: jnp.zeros((saved, *x.shape[1:]), x.dtype),
+        {"actor": members.actor.params, "critic": members.critic.params},
+    )
+    try:
+        params, _ = load_checkpoint(path, template)
+    except ValueError as err:
+        raise DatasetError(
+            f"--offline-checkpoint {path} does not fit this run ({err}); it holds networks of "
+            f"hidden dims {meta['hidden_dims']} for {meta['obs_dim']} observation and "
+            f"{meta['action_dim']} action dimensions"
+        ) from None
+    actor, critic = jax.tree_util.tree_map(lambda x: x[:n], (params["actor"], params["critic"]))
+    return members.replace(
+        actor=members.actor.replace(params=actor),
+        critic=members.critic.replace(params=critic),
+        critic_target=jax.tree_util.tree_map(jnp.copy, critic),
+    )
+
+
 # ==== END SHARED BLOCK ==========================================================================
 
 
@@ -755,7 +799,7 @@ def main(args: Args) -> dict:
     logger = Logger(run_dir, config=args, resume_step=resume_step if resumed else None)
     if args.offline_checkpoint or (resumed and progress["phase"] == "online"):
         source = pathlib.Path(args.offline_checkpoint) if args.offline_checkpoint else offline_path
-        (members, _), _ = load_checkpoint(source, (members, key))
+        members = load_offline_ensemble(source, members, args.env)
         print(f"offline ensemble loaded from {source}")
         if not resumed:
             progress = {"phase": "online", "env_steps": 0}

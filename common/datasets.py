@@ -17,6 +17,7 @@ CLI:  python -m common.datasets list | info NAME | verify NAME
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import pathlib
 import re
@@ -268,6 +269,15 @@ def load_d4rl(
 
 
 # --- Scores and normalisation -------------------------------------------------------------
+
+
+def transitions_checksum(transitions: dict) -> str:
+    """sha256 of a dataset's content: the transition arrays in TRANSITION_KEYS order, as float32
+    bytes (independent of the files that hold them)."""
+    digest = hashlib.sha256()
+    for key in TRANSITION_KEYS:
+        digest.update(np.ascontiguousarray(np.asarray(transitions[key], np.float32)).tobytes())
+    return digest.hexdigest()
 
 
 def normalized_score(env: str, returns):

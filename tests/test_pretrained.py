@@ -1,0 +1,90 @@
+"""Exported pretrained CQL ensembles (benchmarks/export_pretrained.py): what they hold, that both
+algorithm files load them as the run's own offline checkpoint, and the one-line errors."""
+
+import hashlib
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import run_script  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "algorithms"))
+import off2on_balanced as o2o  # noqa: E402
+from test_bred import TINY as BRED_TINY  # noqa: E402
+from test_off2on_balanced import TINY as O2O_TINY  # noqa: E402
+
+from benchmarks import export_pretrained  # noqa: E402
+from common.datasets import DatasetError  # noqa: E402
+
+
+def members_of(n, hidden=(32, 32)):
+    args = o2o.Args(ensemble_size=n, hidden_dims=hidden)
+    actor, critic = o2o.TanhGaussianPolicy(3, hidden), o2o.Critic(hidden)
+    return o2o.create_cql_members(args, actor, critic, 11, 3, jax.random.PRNGKey(9))
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_export_holds_the_ensemble_and_both_files_load_it(tiny_root, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_script("off2on_balanced.py", O2O_TINY, run_dir, tiny_root, "--online-steps", "0")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tiny_root))
+    out = tmp_path / "pretrained"
+    assert export_pretrained.main([str(run_dir), "--out", str(out)]) == 0
+    ensemble = out / "ensemble.npz"
+    manifest = json.loads((out / "manifest.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert manifest["dataset"] == "hopper-medium-v2" and manifest["ensemble_size"] == 2
+    assert manifest["offline_steps"] == 200 and manifest["hidden_dims"] == [32, 32]
+    assert manifest["normalized_score"] == summary["normalized_score_before_finetuning"]
+    assert manifest["ensemble_sha256"] == hashlib.sha256(ensemble.read_bytes()).hexdigest()
+    assert (
+        len(manifest["dataset_transitions_sha256"]) == 64
+        and "--online-steps 0" in (manifest["recreate"])
+    )
+    with np.load(ensemble) as stored:  # parameters only: no optimizer, temperature, key
+        assert not any(k for k in stored.files if "opt_state" in k or "alpha" in k)
+        assert ensemble.stat().st_size < 0.6 * (run_dir / "offline.npz").stat().st_size
+
+    full = o2o.load_offline_ensemble(run_dir / "offline.npz", members_of(2), "hopper-medium-v2")
+    mine = o2o.load_offline_ensemble(ensemble, members_of(2), "hopper-medium-v2")
+    for a, b in zip(leaves((mine.actor.params, mine.critic.params, mine.critic_target)),
+                    leaves((full.actor.params, full.critic.params, full.critic.params)),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+    # N=1 from an N=2 export: member 0, an independently trained CQL agent
+    one = o2o.load_offline_ensemble(ensemble, members_of(1), "hopper-medium-v2")
+    for a, b in zip(leaves(one.actor.params), leaves(full.actor.params), strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+
+    with pytest.raises(
+        DatasetError, match="pretrained on hopper-medium-v2, not walker2d-medium-v2"
+    ):
+        o2o.load_offline_ensemble(ensemble, members_of(2), "walker2d-medium-v2")
+    with pytest.raises(DatasetError, match="holds 2 members, fewer than --ensemble-size 3"):
+        o2o.load_offline_ensemble(ensemble, members_of(3), "hopper-medium-v2")
+    with pytest.raises(DatasetError, match="does not fit this run.*hidden dims \\[32, 32\\]"):
+        o2o.load_offline_ensemble(ensemble, members_of(2, (16, 16)), "hopper-medium-v2")
+
+    # BRED fine-tunes from it as from the run's own offline.npz (no offline phase logged)
+    bred_dir = tmp_path / "bred"
+    proc = run_script(
+        "bred.py", BRED_TINY, bred_dir, tiny_root, "--offline-checkpoint", str(ensemble),
+        "--online-steps", "100", "--steps-per-epoch", "100",
+    )  # fmt: skip
+    assert "offline ensemble loaded from" in proc.stdout
+    rows = [json.loads(x) for x in (bred_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not any(k.startswith("offline/") for r in rows for k in r)
+
+
+def test_export_of_a_run_without_an_offline_phase_is_a_one_line_error(tmp_path, capsys):
+    assert export_pretrained.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "offline.npz does not exist" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
