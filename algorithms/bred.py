@@ -438,10 +438,10 @@ def load_offline_ensemble(path, members: CQLMember, env: str) -> CQLMember:
     critics; the rest starts fresh and the target critics as copies of the critics, which is
     all fine-tuning reads). An exported ensemble of more members than `members` gives its first
     N (member 0 alone is an N=1 CQL agent: the members were trained independently)."""
-    if read_checkpoint_metadata(path).get("kind") != PRETRAINED_KIND:
+    meta = read_checkpoint_metadata(path)
+    if meta.get("kind") != PRETRAINED_KIND:
         (members, _), _ = load_checkpoint(path, (members, jax.random.PRNGKey(0)))
         return members
-    meta = read_checkpoint_metadata(path)
     n, saved = jax.tree_util.tree_leaves(members.actor.params)[0].shape[0], meta["ensemble_size"]
     if meta["dataset"] != env:
         raise DatasetError(
