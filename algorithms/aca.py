@@ -90,14 +90,34 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from common.buffers import ReplayBuffer  # noqa: E402
 from common.checkpoints import (  # noqa: E402
     load_checkpoint,
+    load_offline_agent,
     read_checkpoint_metadata,
     save_checkpoint,
 )
-from common.datasets import TRANSITION_KEYS, DatasetError, load_d4rl, parse_name  # noqa: E402
+from common.datasets import TRANSITION_KEYS, load_d4rl, parse_name  # noqa: E402
 from common.envs import OnlineEnv  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
-from common.logger import Logger, finish_run, make_run_dir  # noqa: E402
+from common.logger import Logger, check_same_config, finish_run, make_run_dir  # noqa: E402
 from common.networks import Critic, TanhGaussianPolicy, ValueNet  # noqa: E402
+from common.validation import (  # noqa: E402
+    CheckpointPath,
+    Count,
+    Discount,
+    LearningRate,
+    NonNegative,
+    PolyakRate,
+    Positive,
+    RunDir,
+    Seed,
+    Steps,
+    UsageError,
+    Widths,
+    check_file,
+    check_flags,
+    check_multiple,
+    check_run_dir,
+    warn_if_longer,
+)
 
 # Table 10 / the authors' code: beta, (k0, K, k_min), top-N trajectories, per dataset level.
 ACA_DEFAULTS = {
@@ -113,79 +133,79 @@ ACA_DEFAULTS = {
 class Args:
     env: str = "hopper-medium-v2"
     """D4RL dataset name; the online phase runs its gymnasium v5 environment"""
-    seed: int = 0
+    seed: Seed = 0
     """seed of everything (parameters, sampling, environments)"""
-    hidden_dims: tuple[int, ...] = (256, 256)
+    hidden_dims: Widths = (256, 256)
     """hidden layers of the policy, critics and Z baselines (ReLU)"""
-    batch_size: int = 256
+    batch_size: Count = 256
     """minibatch size of every gradient step"""
-    gamma: float = 0.99
+    gamma: Discount = 0.99
     """discount factor"""
-    tau: float = 5e-3
+    tau: PolyakRate = 5e-3
     """Polyak rate of the target critics"""
 
     offline_algo: Literal["sacml", "cql"] = "sacml"
     """offline learner: SAC+ML (Eq. 4-6) or CQL(H) (Sec. 6.3)"""
-    offline_steps: int = 500_000
+    offline_steps: Steps = 500_000
     """offline gradient steps (paper: 500 episodes x 1000)"""
-    offline_checkpoint: str | None = None
+    offline_checkpoint: CheckpointPath = None
     """path of a saved offline agent (`offline.npz`): skip pretraining"""
-    offline_actor_lr: float | None = None
+    offline_actor_lr: LearningRate | None = None
     """offline policy lr (default 3e-4 for SAC+ML, 1e-4 for CQL, Table 11)"""
-    offline_alpha_lr: float | None = None
+    offline_alpha_lr: LearningRate | None = None
     """offline temperature lr (default 3e-4 for SAC+ML, 1e-4 for CQL)"""
-    critic_lr: float = 3e-4
+    critic_lr: LearningRate = 3e-4
     """offline Q lr"""
-    z_lr: float = 3e-4
+    z_lr: LearningRate = 3e-4
     """lr of the Z baselines (Eq. 8)"""
-    ml_weight: float = 30.0
+    ml_weight: NonNegative = 30.0
     """w of Eq. (4): lambda = w / mean|Q|"""
-    cql_weight: float = 10.0
+    cql_weight: NonNegative = 10.0
     """CQL conservative weight (Table 9)"""
-    cql_n_actions: int = 10
+    cql_n_actions: Count = 10
     """actions sampled per state for CQL's log-sum-exp (Table 9)"""
-    offline_eval_every: int = 5_000
+    offline_eval_every: Count = 5_000
     """offline gradient steps between evaluations"""
-    log_every: int = 1_000
+    log_every: Count = 1_000
     """offline steps compiled into one call and logged together; online steps between logs"""
 
     finetune: Literal["aca", "sac", "bc-only", "r-init-q"] = "aca"
     """online method: ACA, SAC->SAC, or the Appendix D.1 ablations"""
-    online_steps: int = 100_000
+    online_steps: Steps = 100_000
     """environment steps of fine-tuning, one update each (paper: 100k)"""
     offline_data: Literal["auto", "topn", "all", "none"] = "auto"
     """initial buffer: top-N offline trajectories, all offline data, or empty (Sec. 6.4); auto:
     topn for the ACA variants, all for SAC->SAC (Appendix E.1)"""
-    top_n: int | None = None
+    top_n: Count | None = None
     """trajectories pre-loaded with --offline-data topn (default: per dataset, Table 10)"""
-    beta: float | None = None
+    beta: NonNegative | None = None
     """beta of the clip (Eq. 12-13) (default: per dataset, Table 10)"""
-    k_init: float | None = None
+    k_init: NonNegative | None = None
     """k0 of the critic interpolation (Eq. 19) (default: per dataset)"""
-    k_decay_episodes: float | None = None
+    k_decay_episodes: Positive | None = None
     """K: k falls by k0 / (K x 1000) per gradient step (default: per dataset)"""
-    k_min: float | None = None
+    k_min: NonNegative | None = None
     """floor of k (default: per dataset)"""
-    online_lr: float = 3e-4
+    online_lr: LearningRate = 3e-4
     """online actor, critic and temperature lr"""
-    actor_grad_clip: float = 0.25
+    actor_grad_clip: NonNegative = 0.25
     """global-norm clip of the online actor gradient (ACA variants; 0 disables)"""
-    buffer_size: int = 1_000_000
+    buffer_size: Count = 1_000_000
     """online replay capacity (FIFO)"""
-    eval_every: int = 1_000
+    eval_every: Count = 1_000
     """online env steps between evaluations"""
-    eval_episodes: int = 10
+    eval_episodes: Count = 10
     """deterministic evaluation episodes"""
-    checkpoint_every: int = 10_000
+    checkpoint_every: Count = 10_000
     """steps (offline gradient steps, online env steps) between full checkpoints"""
 
-    run_dir: str | None = None
+    run_dir: RunDir = None
     """run directory (default runs/<env>__aca__<seed>__<time>)"""
     resume: bool = False
     """continue the run in --run-dir from its checkpoint"""
     no_generate: bool = False
     """fail instead of generating a missing dataset"""
-    stop_after: int | None = None
+    stop_after: Steps | None = None
     """exit (as if interrupted) after the checkpoint at this global step; for testing --resume"""
 
 
@@ -680,24 +700,27 @@ def top_trajectories(transitions: dict, episode_ids, episode_returns, n: int) ->
 # ================================================================================================
 
 
+def check_args(args: Args) -> None:
+    """Every flag and path, before anything is created or compiled (one-line UsageError)."""
+    check_flags(args)
+    for name in ("offline_steps", "offline_eval_every", "online_steps", "eval_every"):
+        check_multiple(args, name, "log_every")
+    check_run_dir(args.run_dir, args.resume)
+    if args.resume:
+        check_same_config(args.run_dir, args)
+    if args.offline_checkpoint:
+        check_file(args.offline_checkpoint, "offline_checkpoint")
+    elif args.offline_steps:
+        warn_if_longer(args, "offline_eval_every", "offline_steps")
+    warn_if_longer(args, "eval_every", "online_steps")
+
+
 def main(args: Args) -> dict:
-    if args.offline_steps % args.log_every or args.offline_eval_every % args.log_every:
-        raise DatasetError(
-            "--offline-steps and --offline-eval-every must be multiples of --log-every"
-        )
-    if args.online_steps % args.log_every or args.eval_every % args.log_every:
-        raise DatasetError("--online-steps and --eval-every must be multiples of --log-every")
-    if args.resume and args.run_dir is None:
-        raise DatasetError("--resume needs --run-dir (the directory of the run to continue)")
+    check_args(args)
     _, split = parse_name(args.env)
     settings = online_settings(args, split)
     data = load_d4rl(args.env, allow_generate=not args.no_generate)
     env_name = data.info.env
-    run_dir = (
-        pathlib.Path(args.run_dir) if args.run_dir else make_run_dir(args.env, "aca", args.seed)
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, offline_path = run_dir / "checkpoint.npz", run_dir / "offline.npz"
     offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
     obs_dim, action_dim = offline["observations"].shape[1], offline["actions"].shape[1]
     actor = TanhGaussianPolicy(action_dim, args.hidden_dims)
@@ -706,10 +729,23 @@ def main(args: Args) -> dict:
     key, init_key, online_key = jax.random.split(key, 3)
     state = create_offline_state(args, actor, critic, baseline, obs_dim, action_dim, init_key)
     deterministic = jax.jit(lambda p, o: jnp.tanh(actor.apply(p, o)[0]))
+    agent_metadata = {"algorithm": "aca", "env": args.env, "obs_dim": obs_dim,
+                      "action_dim": action_dim, "offline_steps": args.offline_steps,
+                      "offline_algo": args.offline_algo}  # fmt: skip
+    if args.offline_checkpoint:  # before the run directory exists: a wrong file writes nothing
+        state, meta = load_offline_agent(
+            args.offline_checkpoint, state, "aca", args.env, obs_dim, action_dim
+        )
+        print(f"offline agent loaded from {args.offline_checkpoint} ({meta.get('offline_algo')})")
 
     def eval_metrics(params, seed):
         return evaluate(env_name, lambda o: deterministic(params, o), args.eval_episodes, seed)
 
+    run_dir = (
+        pathlib.Path(args.run_dir) if args.run_dir else make_run_dir(args.env, "aca", args.seed)
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, offline_path = run_dir / "checkpoint.npz", run_dir / "offline.npz"
     progress = {"phase": "offline", "offline_step": 0}
     resumed = args.resume and ckpt_path.exists()
     if resumed:
@@ -722,10 +758,11 @@ def main(args: Args) -> dict:
     logger = Logger(run_dir, config=args, resume_step=resume_step if resumed else None)
 
     # ---------------------------------------------------------------- offline: Algorithm 1
-    if args.offline_checkpoint or (resumed and progress["phase"] == "online"):
-        source = pathlib.Path(args.offline_checkpoint) if args.offline_checkpoint else offline_path
-        state, meta = load_checkpoint(source, state)
-        print(f"offline agent loaded from {source} ({meta.get('offline_algo', '?')})")
+    if args.offline_checkpoint:
+        pass  # loaded above
+    elif resumed and progress["phase"] == "online":
+        state, meta = load_checkpoint(offline_path, state)
+        print(f"offline agent loaded from {offline_path} ({meta.get('offline_algo', '?')})")
     elif args.offline_steps > 0:
         if resumed:
             state, progress = load_checkpoint(ckpt_path, state)
@@ -760,10 +797,7 @@ def main(args: Args) -> dict:
                 save_checkpoint(ckpt_path, state, {"phase": "offline", "offline_step": step})
                 if args.stop_after == step:
                     raise SystemExit(f"stopped after offline step {step} (--stop-after)")
-        save_checkpoint(
-            offline_path, state,
-            {"offline_steps": args.offline_steps, "offline_algo": args.offline_algo},
-        )  # fmt: skip
+        save_checkpoint(offline_path, state, agent_metadata)
     if not resumed or progress["phase"] == "offline":
         progress = {"phase": "online", "env_steps": 0}
     before = eval_metrics(state.actor.params, args.seed + 10**6)
@@ -850,8 +884,13 @@ def main(args: Args) -> dict:
     )
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> dict:
+    """The command line: bad input ends with one line on stderr and exit status 1."""
     try:
-        main(tyro.cli(Args))
-    except DatasetError as err:
+        return main(tyro.cli(Args, args=argv))
+    except UsageError as err:
         raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    cli()

@@ -61,114 +61,137 @@ from tqdm import tqdm
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from common.buffers import ReplayBuffer  # noqa: E402
 from common.checkpoints import (  # noqa: E402
+    CheckpointError,
     load_checkpoint,
+    load_offline_agent,
     read_checkpoint_metadata,
     save_checkpoint,
 )
-from common.datasets import TRANSITION_KEYS, DatasetError, load_d4rl  # noqa: E402
+from common.datasets import TRANSITION_KEYS, load_d4rl  # noqa: E402
 from common.envs import OnlineEnv  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
-from common.logger import Logger, finish_run, make_run_dir  # noqa: E402
+from common.logger import Logger, check_same_config, finish_run, make_run_dir  # noqa: E402
 from common.networks import Critic, TanhGaussianPolicy, tanh_gaussian  # noqa: E402
+from common.validation import (  # noqa: E402
+    CheckpointPath,
+    Count,
+    Discount,
+    Fraction,
+    LearningRate,
+    NonNegative,
+    OpenFraction,
+    PolyakRate,
+    Positive,
+    RunDir,
+    Seed,
+    Steps,
+    UsageError,
+    Widths,
+    check_file,
+    check_flags,
+    check_multiple,
+    check_run_dir,
+    warn_if_longer,
+)
 
 
 @dataclasses.dataclass
 class Args:
     env: str = "hopper-medium-v2"
     """D4RL dataset name; the online phase runs its gymnasium v5 environment"""
-    seed: int = 0
+    seed: Seed = 0
     """seed of everything (parameters, sampling, environments)"""
-    ensemble_size: int = 5
+    ensemble_size: Count = 5
     """N, the number of CQL agents (paper: 5; ablation 1, 2, 5)"""
-    hidden_dims: tuple[int, ...] | None = None
+    hidden_dims: Widths | None = None
     """hidden layers of every network (default: the papers' 256-256; 256-256-256 on
     halfcheetah-medium-expert)"""
-    batch_size: int = 256
+    batch_size: Count = 256
     """B of Eq. (7)"""
-    gamma: float = 0.99
+    gamma: Discount = 0.99
     """discount factor"""
-    tau: float = 5e-3
+    tau: PolyakRate = 5e-3
     """Polyak rate of the target critics, every update"""
 
     # --- offline CQL (the CQL authors' defaults, as in off2on_balanced.py) ---
-    offline_steps: int = 1_000_000
+    offline_steps: Steps = 1_000_000
     """offline gradient steps per member (CQL: 1000 epochs x 1000)"""
-    offline_checkpoint: str | None = None
+    offline_checkpoint: CheckpointPath = None
     """a saved CQL ensemble (a run's `offline.npz`, also off2on's, or an exported `ensemble.npz`)"""
-    offline_policy_lr: float = 1e-4
+    offline_policy_lr: LearningRate = 1e-4
     """offline (CQL) policy and temperature learning rate"""
-    offline_q_lr: float = 3e-4
+    offline_q_lr: LearningRate = 3e-4
     """offline (CQL) critic and Lagrange-multiplier learning rate"""
-    cql_weight: float = 5.0
+    cql_weight: NonNegative = 5.0
     """alpha' of Eq. (4) (CQL's min_q_weight; the CQL authors use 1.0 with --cql-lagrange)"""
     cql_lagrange: bool = False
     """scale the CQL term by a dual variable tuned to keep weight * gap at --cql-target-gap"""
-    cql_target_gap: float = 5.0
+    cql_target_gap: NonNegative = 5.0
     """the Lagrange threshold (CQL's target_action_gap)"""
-    cql_n_actions: int = 10
+    cql_n_actions: Count = 10
     """actions sampled per state for each of the uniform / pi(s) / pi(s') terms of Eq. (4)"""
-    cql_temperature: float = 1.0
+    cql_temperature: Positive = 1.0
     """temperature of CQL's log-sum-exp (1 = the CQL(H) objective)"""
-    bc_steps: int = 40_000
+    bc_steps: Steps = 40_000
     """offline steps of behaviour cloning for the policy before the SAC policy loss"""
     deterministic_backup: bool = True
     """offline target without the entropy term (CQL's default for MuJoCo)"""
-    offline_eval_every: int = 50_000
+    offline_eval_every: Count = 50_000
     """offline steps between evaluations"""
-    log_every: int = 1_000
+    log_every: Count = 1_000
     """offline steps compiled into one call and logged together"""
 
     # --- ensemble distillation (Eq. 8-9) ---
     no_distill: bool = False
     """keep N independent policies instead of distilling them (Fig. 5 ablation)"""
-    distill_epochs: int = 1_000
+    distill_epochs: Count = 1_000
     """maximum distillation epochs (paper: 1000, with early stopping)"""
-    distill_steps_per_epoch: int = 1_000
+    distill_steps_per_epoch: Count = 1_000
     """gradient steps per distillation epoch"""
-    distill_patience: int = 10
+    distill_patience: Count = 10
     """stop after this many epochs without a better validation loss"""
-    distill_validation_fraction: float = 0.1
+    distill_validation_fraction: OpenFraction = 0.1
     """share of offline transitions held out for early stopping"""
-    distill_lr: float = 3e-4
+    distill_lr: LearningRate = 3e-4
     """learning rate of the distilled policy (Eq. 8)"""
 
     # --- online fine-tuning ---
-    online_steps: int = 250_000
+    online_steps: Steps = 250_000
     """environment steps of fine-tuning (paper: 250k)"""
-    steps_per_epoch: int = 1_000
+    steps_per_epoch: Count = 1_000
     """env steps collected per epoch; the epoch then runs as many updates"""
-    first_epoch_multiplier: int = 10
+    first_epoch_multiplier: Count = 10
     """the first epoch runs this many times more updates (paper: 10x)"""
-    policy_lr: float = 3e-4
+    policy_lr: LearningRate = 3e-4
     """paper: chosen per task from {3e-4, 3e-5, 5e-6}"""
-    q_lr: float = 3e-4
+    q_lr: LearningRate = 3e-4
     """online critic learning rate"""
-    alpha_lr: float = 3e-4
+    alpha_lr: LearningRate = 3e-4
     """temperature learning rate"""
-    init_alpha: float = 1.0
+    init_alpha: Positive = 1.0
     """online temperature at the start of fine-tuning (auto-tuned after)"""
-    online_buffer_size: int = 250_000
+    online_buffer_size: Count = 250_000
     """capacity of the online buffer"""
     replay: Literal["balanced", "uniform", "online-only"] = "balanced"
     """balanced: Eq. (7) mix; uniform: pooled buffer; online-only: online samples alone"""
-    initial_online_fraction: float = 0.5
+    initial_online_fraction: Fraction = 0.5
     """rho_0 of Eq. (7) (paper: 0.5 or 0.75)"""
-    anneal_steps: int = 125_000
+    anneal_steps: Count = 125_000
     """t_final of Eq. (7): online steps until batches are fully online"""
     online_cql: bool = False
     """keep the CQL regulariser during fine-tuning with the fixed weight --cql-weight (Fig. 10)"""
-    eval_episodes: int = 5
+    eval_episodes: Count = 5
     """deterministic evaluation episodes per epoch"""
-    checkpoint_every: int = 10_000
+    checkpoint_every: Count = 10_000
     """steps (offline gradient steps, online env steps) between full checkpoints"""
 
-    run_dir: str | None = None
+    run_dir: RunDir = None
     """run directory (default runs/<env>__bred__<seed>__<time>)"""
     resume: bool = False
     """continue the run in --run-dir from its checkpoint"""
     no_generate: bool = False
     """fail instead of generating a missing dataset"""
-    stop_after: int | None = None
+    stop_after: Steps | None = None
     """exit (as if interrupted) after the checkpoint at this global step; for testing --resume"""
 
 
@@ -430,26 +453,32 @@ def pretrain_cql_ensemble(
 
 # The metadata `kind` of an exported ensemble (benchmarks/export_pretrained.py).
 PRETRAINED_KIND = "cql_ensemble_params"
+CQL_ENSEMBLE = "cql_ensemble"  # the `algorithm` of both files' offline.npz: either can load it
 
 
-def load_offline_ensemble(path, members: CQLMember, env: str) -> CQLMember:
-    """--offline-checkpoint: a run's `offline.npz` (the whole CQL state) or an exported
-    ensemble (`ensemble.npz` of benchmarks/export_pretrained.py: each member's policy and twin
-    critics; the rest starts fresh and the target critics as copies of the critics, which is
-    all fine-tuning reads). An exported ensemble of more members than `members` gives its first
-    N (member 0 alone is an N=1 CQL agent: the members were trained independently)."""
-    meta = read_checkpoint_metadata(path)
+def load_offline_ensemble(path, members: CQLMember, env: str, obs_dim: int, action_dim: int):
+    """--offline-checkpoint: a run's `offline.npz` (the whole CQL state, written by either file)
+    or an exported ensemble (`ensemble.npz` of benchmarks/export_pretrained.py: each member's
+    policy and twin critics; the rest starts fresh and the target critics as copies of the
+    critics, which is all fine-tuning reads). An exported ensemble of more members than
+    `members` gives its first N (member 0 alone is an N=1 CQL agent: the members were trained
+    independently). A file that does not fit raises one CheckpointError line."""
+    try:
+        meta = read_checkpoint_metadata(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"--offline-checkpoint {path}: {err}") from None
     if meta.get("kind") != PRETRAINED_KIND:
-        (members, _), _ = load_checkpoint(path, (members, jax.random.PRNGKey(0)))
+        target = (members, jax.random.PRNGKey(0))
+        (members, _), _ = load_offline_agent(path, target, CQL_ENSEMBLE, env, obs_dim, action_dim)
         return members
     n, saved = jax.tree_util.tree_leaves(members.actor.params)[0].shape[0], meta["ensemble_size"]
     if meta["dataset"] != env:
-        raise DatasetError(
+        raise CheckpointError(
             f"--offline-checkpoint {path} was pretrained on {meta['dataset']}, not {env}: pass "
             f"--env {meta['dataset']} or an ensemble pretrained on {env}"
         )
     if saved < n:
-        raise DatasetError(
+        raise CheckpointError(
             f"--offline-checkpoint {path} holds {saved} members, fewer than --ensemble-size {n}"
         )
     template = jax.tree_util.tree_map(
@@ -458,8 +487,8 @@ def load_offline_ensemble(path, members: CQLMember, env: str) -> CQLMember:
     )
     try:
         params, _ = load_checkpoint(path, template)
-    except ValueError as err:
-        raise DatasetError(
+    except CheckpointError as err:
+        raise CheckpointError(
             f"--offline-checkpoint {path} does not fit this run ({err}); it holds networks of "
             f"hidden dims {meta['hidden_dims']} for {meta['obs_dim']} observation and "
             f"{meta['action_dim']} action dimensions"
@@ -772,25 +801,28 @@ def create_online_state(args, members: CQLMember, policy_params, obs_dim, action
 # ================================================================================================
 
 
+def check_args(args: Args) -> None:
+    """Every flag and path, before anything is created or compiled (one-line UsageError)."""
+    check_flags(args)
+    check_multiple(args, "online_steps", "steps_per_epoch")
+    for name in ("offline_steps", "offline_eval_every"):
+        check_multiple(args, name, "log_every")
+    check_run_dir(args.run_dir, args.resume)
+    if args.resume:
+        check_same_config(args.run_dir, args)
+    if args.offline_checkpoint:
+        check_file(args.offline_checkpoint, "offline_checkpoint")
+    elif args.offline_steps:
+        warn_if_longer(args, "offline_eval_every", "offline_steps")
+        warn_if_longer(args, "bc_steps", "offline_steps")
+
+
 def main(args: Args) -> dict:
     if args.hidden_dims is None:
         args = dataclasses.replace(args, hidden_dims=paper_hidden_dims(args.env))
-    if args.online_steps % args.steps_per_epoch:
-        raise DatasetError("--online-steps must be a multiple of --steps-per-epoch")
-    if args.offline_steps % args.log_every or args.offline_eval_every % args.log_every:
-        raise DatasetError(
-            "--offline-steps and --offline-eval-every must be multiples of --log-every"
-        )
-    if args.resume and args.run_dir is None:
-        raise DatasetError("--resume needs --run-dir (the directory of the run to continue)")
+    check_args(args)
     data = load_d4rl(args.env, allow_generate=not args.no_generate)
     env_name = data.info.env
-    run_dir = (
-        pathlib.Path(args.run_dir) if args.run_dir else make_run_dir(args.env, "bred", args.seed)
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, offline_path = run_dir / "checkpoint.npz", run_dir / "offline.npz"
-    distilled_path = run_dir / "distilled.npz"
     offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
     obs_dim, action_dim = offline["observations"].shape[1], offline["actions"].shape[1]
     independent = args.no_distill or args.ensemble_size == 1
@@ -808,6 +840,19 @@ def main(args: Args) -> dict:
         fn = ensemble_action if ensemble else single_action
         return evaluate(env_name, lambda obs: fn(params, obs), args.eval_episodes, seed)
 
+    if args.offline_checkpoint:  # before the run directory exists: a wrong file writes nothing
+        members = load_offline_ensemble(
+            args.offline_checkpoint, members, args.env, obs_dim, action_dim
+        )
+        print(f"offline ensemble loaded from {args.offline_checkpoint}")
+
+    run_dir = (
+        pathlib.Path(args.run_dir) if args.run_dir else make_run_dir(args.env, "bred", args.seed)
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, offline_path = run_dir / "checkpoint.npz", run_dir / "offline.npz"
+    distilled_path = run_dir / "distilled.npz"
+
     # ---------------------------------------------------------------- offline phase
     progress = {"phase": "offline", "offline_step": 0}
     resumed = args.resume and ckpt_path.exists()
@@ -819,9 +864,9 @@ def main(args: Args) -> dict:
         resume_step = args.offline_steps + progress["env_steps"]
     logger = Logger(run_dir, config=args, resume_step=resume_step if resumed else None)
     if args.offline_checkpoint or (resumed and progress["phase"] == "online"):
-        source = pathlib.Path(args.offline_checkpoint) if args.offline_checkpoint else offline_path
-        members = load_offline_ensemble(source, members, args.env)
-        print(f"offline ensemble loaded from {source}")
+        if not args.offline_checkpoint:
+            members = load_offline_ensemble(offline_path, members, args.env, obs_dim, action_dim)
+            print(f"offline ensemble loaded from {offline_path}")
     else:
         if resumed:
             (members, key), progress = load_checkpoint(ckpt_path, (members, key))
@@ -831,7 +876,9 @@ def main(args: Args) -> dict:
             args, members, key, offline, cql_update, logger, eval_policy, ckpt_path,
             progress["offline_step"],
         )  # fmt: skip
-        save_checkpoint(offline_path, (members, key), {"offline_steps": args.offline_steps})
+        offline_meta = {"algorithm": CQL_ENSEMBLE, "env": args.env, "obs_dim": obs_dim,
+                        "action_dim": action_dim, "offline_steps": args.offline_steps}  # fmt: skip
+        save_checkpoint(offline_path, (members, key), offline_meta)
     if not resumed or progress["phase"] == "offline":
         progress = {"phase": "online", "env_steps": 0}
 
@@ -914,8 +961,13 @@ def main(args: Args) -> dict:
     return finish_run(logger, run_dir, args, before, after, **summary)
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> dict:
+    """The command line: bad input ends with one line on stderr and exit status 1."""
     try:
-        main(tyro.cli(Args))
-    except DatasetError as err:
+        return main(tyro.cli(Args, args=argv))
+    except UsageError as err:
         raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    cli()

@@ -72,95 +72,115 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from common.buffers import ReplayBuffer  # noqa: E402
 from common.checkpoints import (  # noqa: E402
     load_checkpoint,
+    load_offline_agent,
     read_checkpoint_metadata,
     save_checkpoint,
 )
-from common.datasets import TRANSITION_KEYS, DatasetError, load_d4rl  # noqa: E402
+from common.datasets import TRANSITION_KEYS, load_d4rl  # noqa: E402
 from common.envs import OnlineEnv  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
-from common.logger import Logger, finish_run, make_run_dir  # noqa: E402
+from common.logger import Logger, check_same_config, finish_run, make_run_dir  # noqa: E402
 from common.networks import Critic, DeterministicActor  # noqa: E402
+from common.validation import (  # noqa: E402
+    CheckpointPath,
+    Count,
+    Discount,
+    Fraction,
+    LearningRate,
+    NonNegative,
+    PolyakRate,
+    RunDir,
+    Seed,
+    Steps,
+    UsageError,
+    Widths,
+    check_file,
+    check_flags,
+    check_multiple,
+    check_run_dir,
+    warn_if_longer,
+)
 
 
 @dataclasses.dataclass
 class Args:
     env: str = "hopper-medium-v2"
     """D4RL dataset name; the online phase runs its gymnasium v5 environment"""
-    seed: int = 0
+    seed: Seed = 0
     """seed of everything (parameters, sampling, environments)"""
-    hidden_dims: tuple[int, ...] = (256, 256)
+    hidden_dims: Widths = (256, 256)
     """hidden layer widths of the actor and critics"""
     layer_norm: bool = True
     """the paper's LayerNorm network (Linear-LayerNorm-tanh, then ELU); False: plain ReLU MLPs"""
-    batch_size: int = 256
+    batch_size: Count = 256
     """minibatch size of every gradient step"""
-    gamma: float = 0.99
+    gamma: Discount = 0.99
     """discount factor"""
-    tau: float = 5e-3
+    tau: PolyakRate = 5e-3
     """Polyak rate of the target networks"""
-    actor_lr: float = 3e-4
+    actor_lr: LearningRate = 3e-4
     """actor learning rate"""
-    critic_lr: float = 3e-4
+    critic_lr: LearningRate = 3e-4
     """critic learning rate"""
-    policy_delay: int = 2
+    policy_delay: Count = 2
     """critic updates per actor (and target) update"""
-    target_noise: float = 0.2
+    target_noise: NonNegative = 0.2
     """std of the target policy smoothing noise"""
-    target_noise_clip: float = 0.5
+    target_noise_clip: NonNegative = 0.5
     """clip of the target policy smoothing noise"""
-    exploration_noise: float = 0.1
+    exploration_noise: NonNegative = 0.1
     """std of the Gaussian exploration noise online"""
-    bc_alpha: float = 2.5
+    bc_alpha: NonNegative = 2.5
     """alpha of TD3-BC (Eq. 3): lambda = alpha / mean|Q|"""
 
-    offline_steps: int = 500_000
+    offline_steps: Steps = 500_000
     """TD3-BC gradient steps (paper: 500k); 0 skips pretraining"""
-    offline_checkpoint: str | None = None
+    offline_checkpoint: CheckpointPath = None
     """path of a saved offline agent (`offline.npz`): skip pretraining"""
-    offline_eval_every: int = 10_000
+    offline_eval_every: Count = 10_000
     """offline gradient steps between evaluations"""
-    log_every: int = 1_000
+    log_every: Count = 1_000
     """offline steps compiled into one call and logged together; online steps between logs"""
 
     finetune: Literal["td3c", "td3", "td3_clip", "td3bc"] = "td3c"
     """the online policy update (td3_clip: TD3 with TD3-C's dQ/da clipping and no constraint)"""
-    online_steps: int = 200_000
+    online_steps: Steps = 200_000
     """environment steps of fine-tuning, one update each (paper: 200k)"""
     offline_data: Literal["init", "none"] = "init"
     """initialise the online buffer with the offline data, or start it empty (Sec. 3.3)"""
-    offline_ratio: float | None = None
+    offline_ratio: Fraction | None = None
     """keep offline data apart and draw this fixed share of every batch from it (Appendix C.1)"""
-    buffer_size: int = 1_000_000
+    buffer_size: Count = 1_000_000
     """online replay capacity (FIFO)"""
-    min_replay: int = 1_000
+    min_replay: Steps = 1_000
     """online samples before updates start when the buffer starts without offline data"""
-    epsilon: float = 1e-5
+    epsilon: NonNegative = 1e-5
     """TD3-C trust-region size (Table B2)"""
     dual_update: Literal["adam", "sgd", "mpo"] = "adam"
     """how lambda_c learns: adam / sgd: projected steps on lambda >= 0; mpo: lambda =
     softplus(eta) + 1e-8 with Adam on eta (Acme's MPO duals); see the header"""
-    dual_lr: float = 1e-2
+    dual_lr: LearningRate = 1e-2
     """step size of the dual update (not given in the paper; see the header)"""
-    init_dual: float = 0.0
+    init_dual: NonNegative = 0.0
     """initial value of the dual variable lambda_c"""
     constraint_reduce: Literal["sum", "mean"] = "sum"
     """Eq. (4)'s (pi(s) - pi_targ(s))^2: summed or averaged over the action dimensions"""
-    dqda_clip: float = 1.0
+    dqda_clip: NonNegative = 1.0
     """TD3-C: clip dQ/da elementwise to [-c, c] (Table B2 "clipping"); 0 disables"""
-    eval_every: int = 5_000
+    eval_every: Count = 5_000
     """online env steps between evaluations"""
-    eval_episodes: int = 10
+    eval_episodes: Count = 10
     """deterministic evaluation episodes"""
-    checkpoint_every: int = 10_000
+    checkpoint_every: Count = 10_000
     """steps (offline gradient steps, online env steps) between full checkpoints"""
 
-    run_dir: str | None = None
+    run_dir: RunDir = None
     """run directory (default runs/<env>__td3_c__<seed>__<time>)"""
     resume: bool = False
     """continue the run in --run-dir from its checkpoint"""
     no_generate: bool = False
     """fail instead of generating a missing dataset"""
-    stop_after: int | None = None
+    stop_after: Steps | None = None
     """exit (as if interrupted) after the checkpoint at this global step; for testing --resume"""
 
 
@@ -441,22 +461,25 @@ def make_env_step(args: Args, actor, critic, action_dim: int, ready_after: int):
 # ================================================================================================
 
 
+def check_args(args: Args) -> None:
+    """Every flag and path, before anything is created or compiled (one-line UsageError)."""
+    check_flags(args)
+    for name in ("offline_steps", "offline_eval_every", "online_steps", "eval_every"):
+        check_multiple(args, name, "log_every")
+    check_run_dir(args.run_dir, args.resume)
+    if args.resume:
+        check_same_config(args.run_dir, args)
+    if args.offline_checkpoint:
+        check_file(args.offline_checkpoint, "offline_checkpoint")
+    elif args.offline_steps:
+        warn_if_longer(args, "offline_eval_every", "offline_steps")
+    warn_if_longer(args, "eval_every", "online_steps")
+
+
 def main(args: Args) -> dict:
-    if args.offline_steps % args.log_every or args.offline_eval_every % args.log_every:
-        raise DatasetError(
-            "--offline-steps and --offline-eval-every must be multiples of --log-every"
-        )
-    if args.online_steps % args.log_every or args.eval_every % args.log_every:
-        raise DatasetError("--online-steps and --eval-every must be multiples of --log-every")
-    if args.resume and args.run_dir is None:
-        raise DatasetError("--resume needs --run-dir (the directory of the run to continue)")
+    check_args(args)
     data = load_d4rl(args.env, allow_generate=not args.no_generate)
     env_name = data.info.env
-    run_dir = (
-        pathlib.Path(args.run_dir) if args.run_dir else make_run_dir(args.env, "td3_c", args.seed)
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, offline_path = run_dir / "checkpoint.npz", run_dir / "offline.npz"
     offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
     obs_dim, action_dim = offline["observations"].shape[1], offline["actions"].shape[1]
     actor, critic = make_networks(args, action_dim)
@@ -467,9 +490,29 @@ def main(args: Args) -> dict:
     state = create_state(args, actor, critic, obs_dim, action_dim, init_key, empty)
     deterministic = jax.jit(lambda p, o: actor.apply(p, o))
 
+    def agent(s):  # everything but the buffer
+        return (s.actor, s.actor_target, s.critic, s.critic_target, s.key)
+
+    def with_agent(s, a):
+        return s.replace(actor=a[0], actor_target=a[1], critic=a[2], critic_target=a[3], key=a[4])
+
+    agent_metadata = {"algorithm": "td3_c", "env": args.env, "obs_dim": obs_dim,
+                      "action_dim": action_dim, "offline_steps": args.offline_steps}  # fmt: skip
+    if args.offline_checkpoint:  # before the run directory exists: a wrong file writes nothing
+        pretrained, _ = load_offline_agent(
+            args.offline_checkpoint, agent(state), "td3_c", args.env, obs_dim, action_dim
+        )
+        state = with_agent(state, pretrained)
+        print(f"offline agent loaded from {args.offline_checkpoint}")
+
     def eval_metrics(params, seed):
         return evaluate(env_name, lambda o: deterministic(params, o), args.eval_episodes, seed)
 
+    run_dir = (
+        pathlib.Path(args.run_dir) if args.run_dir else make_run_dir(args.env, "td3_c", args.seed)
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, offline_path = run_dir / "checkpoint.npz", run_dir / "offline.npz"
     progress = {"phase": "offline", "offline_step": 0}
     resumed = args.resume and ckpt_path.exists()
     if resumed:
@@ -482,17 +525,12 @@ def main(args: Args) -> dict:
     logger = Logger(run_dir, config=args, resume_step=resume_step if resumed else None)
 
     # ---------------------------------------------------------------- offline: TD3-BC (Eq. 3)
-    def agent(s):  # everything but the buffer
-        return (s.actor, s.actor_target, s.critic, s.critic_target, s.key)
-
-    def with_agent(s, a):
-        return s.replace(actor=a[0], actor_target=a[1], critic=a[2], critic_target=a[3], key=a[4])
-
-    if args.offline_checkpoint or (resumed and progress["phase"] == "online"):
-        source = pathlib.Path(args.offline_checkpoint) if args.offline_checkpoint else offline_path
-        loaded, _ = load_checkpoint(source, agent(state))
+    if args.offline_checkpoint:
+        pass  # loaded above
+    elif resumed and progress["phase"] == "online":
+        loaded, _ = load_checkpoint(offline_path, agent(state))
         state = with_agent(state, loaded)
-        print(f"offline agent loaded from {source}")
+        print(f"offline agent loaded from {offline_path}")
     elif args.offline_steps > 0:
         if resumed:
             state, progress = load_checkpoint(ckpt_path, state)
@@ -527,7 +565,7 @@ def main(args: Args) -> dict:
                 save_checkpoint(ckpt_path, state, {"phase": "offline", "offline_step": step})
                 if args.stop_after == step:
                     raise SystemExit(f"stopped after offline step {step} (--stop-after)")
-        save_checkpoint(offline_path, agent(state), {"offline_steps": args.offline_steps})
+        save_checkpoint(offline_path, agent(state), agent_metadata)
     if not resumed or progress["phase"] == "offline":
         progress = {"phase": "online", "env_steps": 0}
     before = eval_metrics(state.actor.params, args.seed + 10**6)
@@ -594,8 +632,13 @@ def main(args: Args) -> dict:
     )
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> dict:
+    """The command line: bad input ends with one line on stderr and exit status 1."""
     try:
-        main(tyro.cli(Args))
-    except DatasetError as err:
+        return main(tyro.cli(Args, args=argv))
+    except UsageError as err:
         raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    cli()

@@ -41,6 +41,7 @@ from benchmarks.sweep import (
     load_suite,
     status,
 )
+from common.validation import ArgumentParser, Range, arg_type
 
 SCORE = "eval/normalized_score"
 
@@ -413,18 +414,30 @@ def report(
     return out, rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Report benchmark suites (see module docstring).")
+def make_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description="Report benchmark suites (see module docstring).")
     parser.add_argument("suites", nargs="+", help=f"suite names or 'all': {known_suites()}")
     parser.add_argument("--budget", choices=BUDGETS, required=True)
     parser.add_argument("--root", type=pathlib.Path, default=DEFAULT_ROOT, help="runs root")
     parser.add_argument("--out", type=pathlib.Path, help="output folder (one suite only)")
     parser.add_argument("--datasets", nargs="+", help="only these datasets (as for the runner)")
-    parser.add_argument("--seeds", nargs="+", type=int, help="these seeds instead of the budget's")
+    parser.add_argument(
+        "--seeds", nargs="+", type=arg_type(int, Range(0, 2**32 - 1)),
+        help="these seeds instead of the budget's",
+    )  # fmt: skip
     parser.add_argument(
         "--strict", action="store_true", help="exit 1 unless every (variant, dataset) has results"
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        parser.error(f"--root {args.root}: no such directory (the runs root of benchmarks.run)")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: is a file, not a directory")
     missing = []
     names = known_suites() if args.suites == ["all"] else args.suites
     if args.out and len(names) > 1:

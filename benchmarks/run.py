@@ -45,6 +45,7 @@ from benchmarks.sweep import (
     load_suite,
     status,
 )
+from common.validation import ArgumentParser, Range, arg_type
 
 _RUNNING: dict[str, subprocess.Popen] = {}  # local backend: job uid -> process
 
@@ -201,21 +202,41 @@ def _stop_children(signum, _frame):
     raise SystemExit(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run benchmark suites (see module docstring).")
+def make_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description="Run benchmark suites (see module docstring).")
     parser.add_argument("suites", nargs="+", help=f"suite names or 'all': {known_suites()}")
     parser.add_argument("--budget", choices=BUDGETS, required=True)
     parser.add_argument(
         "--root", type=pathlib.Path, default=DEFAULT_ROOT, help="run directory root"
     )
-    parser.add_argument("--workers", type=int, default=1, help="jobs at once (local backend)")
+    parser.add_argument(
+        "--workers", type=arg_type(int, Range(1)), default=1, help="jobs at once (local backend)"
+    )
     parser.add_argument("--backend", choices=("local", "ray"), default="local")
     parser.add_argument("--address", default="local", help="ray: 'auto', 'local' or HOST:PORT")
-    parser.add_argument("--cpus-per-job", type=float, default=1.0, help="ray: CPUs per job")
+    parser.add_argument(
+        "--cpus-per-job", type=arg_type(float, Range(0, low_open=True)), default=1.0,
+        help="ray: CPUs per job",
+    )  # fmt: skip
     parser.add_argument("--datasets", nargs="+", help="only these datasets of the suite(s)")
-    parser.add_argument("--seeds", nargs="+", type=int, help="override the budget's seeds")
+    parser.add_argument(
+        "--seeds", nargs="+", type=arg_type(int, Range(0, 2**32 - 1)),
+        help="override the budget's seeds",
+    )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="list the jobs and their status")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
+    root = args.root
+    while not root.exists():
+        root = root.parent
+    if not root.is_dir() or not os.access(root, os.W_OK):
+        parser.error(
+            f"--root {args.root}: cannot be created or written ({root} is not a writable directory)"
+        )
     args.root = args.root.resolve()  # jobs run with cwd = the repository
     try:
         names = known_suites() if args.suites == ["all"] else args.suites

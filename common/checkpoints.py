@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common.validation import UsageError
+
 _META_KEY = "__metadata__"
 
 
@@ -55,33 +57,78 @@ def save_checkpoint(path: str | pathlib.Path, state, metadata: dict | None = Non
     atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
 
 
+class CheckpointError(UsageError):
+    """A checkpoint that is missing, not a checkpoint, or saved from another setup."""
+
+
+def _open(path: pathlib.Path):
+    """np.load of a checkpoint, with one-line errors for everything that is not one."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file")
+    try:
+        stored = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):  # not a zip, or a pickled .npy
+        raise CheckpointError(f"{path} is not a checkpoint (not an .npz archive)") from None
+    if not hasattr(stored, "files") or _META_KEY not in stored.files:
+        raise CheckpointError(f"{path} is not a checkpoint: it has no {_META_KEY} entry")
+    return stored
+
+
 def read_checkpoint_metadata(path: str | pathlib.Path) -> dict:
     """The JSON metadata of a checkpoint, without loading its arrays."""
-    with np.load(path, allow_pickle=False) as stored:
+    with _open(pathlib.Path(path)) as stored:
         return json.loads(str(stored[_META_KEY]))
 
 
 def load_checkpoint(path: str | pathlib.Path, target):
     """Restore a checkpoint into the structure of `target` (a state built the same way, e.g. a
-    freshly initialised one). Returns (state, metadata). Shapes and dtypes must match."""
+    freshly initialised one). Returns (state, metadata). Shapes and dtypes must match; anything
+    else raises CheckpointError naming the first difference."""
     path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    with np.load(path, allow_pickle=False) as stored:
+    with _open(path) as stored:
         metadata = json.loads(str(stored[_META_KEY]))
         leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
         restored = []
         for key_path, leaf in leaves:
             key = jax.tree_util.keystr(key_path)
             if key not in stored:
-                raise ValueError(f"checkpoint {path} lacks {key}: it was saved from another setup")
+                raise CheckpointError(
+                    f"checkpoint {path} lacks {key}: it was saved from another setup"
+                )
             value = stored[key]
             is_key = isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
             expected = jax.random.key_data(leaf) if is_key else np.asarray(leaf)
             if value.shape != expected.shape:
-                raise ValueError(
+                raise CheckpointError(
                     f"checkpoint {path}: {key} has shape {value.shape}, expected {expected.shape}"
                 )
             value = jnp.asarray(value, dtype=jax.dtypes.canonicalize_dtype(expected.dtype))
             restored.append(jax.random.wrap_key_data(value) if is_key else value)
     return jax.tree_util.tree_unflatten(treedef, restored), metadata
+
+
+def load_offline_agent(path, target, algorithm: str, env: str, obs_dim: int, action_dim: int):
+    """The pretrained agent of `--offline-checkpoint` (an `offline.npz` written by `algorithm`),
+    restored into `target`. Every way the file can be wrong (missing, not a checkpoint, saved by
+    another algorithm, for other observation/action sizes, from other network sizes) raises one
+    CheckpointError line naming the flag and what was expected. Returns (agent, metadata)."""
+    expected = (
+        f"an offline agent of {algorithm} for {env} (observation {obs_dim}, action {action_dim})"
+    )
+    try:
+        metadata = read_checkpoint_metadata(path)
+        saved_by = metadata.get("algorithm", algorithm)  # older checkpoints: checked by structure
+        if saved_by != algorithm:
+            raise CheckpointError(f"it was saved by {saved_by}")
+        saved = (metadata.get("obs_dim", obs_dim), metadata.get("action_dim", action_dim))
+        if saved != (obs_dim, action_dim):
+            saved_for = f"{metadata.get('env')} (observation {saved[0]}, action {saved[1]})"
+            raise CheckpointError(f"it was saved for {saved_for}")
+        return load_checkpoint(path, target)
+    except CheckpointError as err:
+        problem = str(err).replace(f"checkpoint {path} ", "").replace(f"{path} ", "")
+        raise CheckpointError(
+            f"--offline-checkpoint {path}: {problem}; expected {expected}"
+        ) from None

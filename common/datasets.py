@@ -15,7 +15,6 @@ step, including the last one of a time-limit-truncated episode; such a step has 
 CLI:  python -m common.datasets list | info NAME | verify NAME
 """
 
-import argparse
 import dataclasses
 import hashlib
 import os
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common.checkpoints import atomic_write_bytes
+from common.validation import ArgumentParser, UsageError
 
 # D4RL reference returns (random, expert) per environment; every split of an env shares them.
 D4RL_REF_SCORES: dict[str, tuple[float, float]] = {
@@ -63,7 +63,7 @@ AUTO_GENERATE_STEPS = 1_000_000  # steps per rollout split when a dataset is gen
 GENERATE_COMMAND = "make datasets ENV={env}  (or: python benchmarks/make_datasets.py --env {env})"
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """A user-facing dataset problem; its message is one line that says how to fix it."""
 
 
@@ -230,6 +230,31 @@ def generate_on_first_use(name: str) -> tuple[str, str]:
     return resolve(name, allow_download=False)
 
 
+def check_arrays(arrays: dict, metadata: dict, dataset_id: str, name: str) -> None:
+    """The cheap part of `verify_dataset`, on every load: finite values and the spaces' shapes,
+    so a damaged dataset stops the run with one line instead of training on NaN."""
+    fix = f"check it with `python -m common.datasets verify {name}` and re-create it"
+    obs_shape = tuple(metadata["observation_space"].shape)
+    action_shape = tuple(metadata["action_space"].shape)
+    n = len(arrays["rewards"])
+    if n == 0:
+        raise DatasetError(f"{dataset_id} is damaged: it holds no transitions; {fix}")
+    for key, shape in (
+        ("observations", obs_shape), ("next_observations", obs_shape), ("actions", action_shape),
+        ("rewards", ()), ("terminals", ()), ("timeouts", ()),
+    ):  # fmt: skip
+        if arrays[key].shape != (n, *shape):
+            raise DatasetError(
+                f"{dataset_id} is damaged: {key} have shape {arrays[key].shape}, expected "
+                f"{(n, *shape)}; {fix}"
+            )
+        bad = int(np.sum(~np.isfinite(arrays[key]).reshape(n, -1).all(-1)))
+        if bad:
+            raise DatasetError(
+                f"{dataset_id} is damaged: {bad} transitions with non-finite {key}; {fix}"
+            )
+
+
 def load_d4rl(
     name: str, allow_download: bool = True, allow_generate: bool = True, verbose: bool = True
 ) -> OfflineData:
@@ -243,7 +268,16 @@ def load_d4rl(
         if not allow_generate:
             raise
         dataset_id, source = generate_on_first_use(name)
-    arrays, metadata = read_episodes(minari_root() / dataset_id)
+    try:
+        arrays, metadata = read_episodes(minari_root() / dataset_id)
+    except DatasetError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any read failure means a damaged dataset
+        raise DatasetError(
+            f"{dataset_id} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            f"check it with `python -m common.datasets verify {name}` and re-create it"
+        ) from None
+    check_arrays(arrays, metadata, dataset_id, name)
     action_high = np.asarray(metadata["action_space"].high)
     if not np.allclose(np.abs(action_high), 1.0):
         raise DatasetError(f"{dataset_id}: actions must lie in [-1, 1], got bounds {action_high}")
@@ -518,7 +552,7 @@ def verify_dataset(path: pathlib.Path, env: str) -> tuple[list[str], dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m common.datasets", description=__doc__)
+    parser = ArgumentParser(prog="python -m common.datasets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the known D4RL names and where each resolves")
     info = sub.add_parser("info", help="load a dataset by name and describe it")

@@ -10,6 +10,7 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 from common.checkpoints import atomic_write_text
+from common.validation import UsageError, flag
 
 
 def make_run_dir(env: str, algo: str, seed: int, root: str | pathlib.Path = "runs") -> pathlib.Path:
@@ -18,6 +19,24 @@ def make_run_dir(env: str, algo: str, seed: int, root: str | pathlib.Path = "run
     run_dir = pathlib.Path(root) / f"{env}__{algo}__{seed}__{stamp}"
     run_dir.mkdir(parents=True, exist_ok=False)
     return run_dir
+
+
+# Flags that say where and how a run goes, not what it computes: they may change on --resume.
+RUN_FLAGS = ("run_dir", "resume", "stop_after", "no_generate")
+
+
+def check_same_config(run_dir: str | pathlib.Path, args, ignore=RUN_FLAGS) -> None:
+    """--resume continues the run in `run_dir` only with the flags it was started with."""
+    path = pathlib.Path(run_dir) / "config.json"
+    if not path.exists():
+        return
+    saved, now = json.loads(path.read_text()), _to_jsonable(args)
+    for name, value in now.items():
+        if name not in ignore and name in saved and saved[name] != value:
+            raise UsageError(
+                f"--resume: {run_dir} was started with {flag(name)} {saved[name]}, not {value}; "
+                "resume with the flags it was started with, or use another --run-dir"
+            )
 
 
 def _to_jsonable(value):

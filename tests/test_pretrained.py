@@ -18,7 +18,7 @@ from test_bred import TINY as BRED_TINY  # noqa: E402
 from test_off2on_balanced import TINY as O2O_TINY  # noqa: E402
 
 from benchmarks import export_pretrained  # noqa: E402
-from common.datasets import DatasetError  # noqa: E402
+from common.checkpoints import CheckpointError  # noqa: E402
 
 
 def members_of(n, hidden=(32, 32)):
@@ -52,25 +52,26 @@ def test_export_holds_the_ensemble_and_both_files_load_it(tiny_root, tmp_path, m
         assert not any(k for k in stored.files if "opt_state" in k or "alpha" in k)
         assert ensemble.stat().st_size < 0.6 * (run_dir / "offline.npz").stat().st_size
 
-    full = o2o.load_offline_ensemble(run_dir / "offline.npz", members_of(2), "hopper-medium-v2")
-    mine = o2o.load_offline_ensemble(ensemble, members_of(2), "hopper-medium-v2")
+    offline = run_dir / "offline.npz"
+    full = o2o.load_offline_ensemble(offline, members_of(2), "hopper-medium-v2", 11, 3)
+    mine = o2o.load_offline_ensemble(ensemble, members_of(2), "hopper-medium-v2", 11, 3)
     for a, b in zip(leaves((mine.actor.params, mine.critic.params, mine.critic_target)),
                     leaves((full.actor.params, full.critic.params, full.critic.params)),
                     strict=True):  # fmt: skip
         np.testing.assert_array_equal(a, b)
     # N=1 from an N=2 export: member 0, an independently trained CQL agent
-    one = o2o.load_offline_ensemble(ensemble, members_of(1), "hopper-medium-v2")
+    one = o2o.load_offline_ensemble(ensemble, members_of(1), "hopper-medium-v2", 11, 3)
     for a, b in zip(leaves(one.actor.params), leaves(full.actor.params), strict=True):
         np.testing.assert_array_equal(a[0], b[0])
 
     with pytest.raises(
-        DatasetError, match="pretrained on hopper-medium-v2, not walker2d-medium-v2"
+        CheckpointError, match="pretrained on hopper-medium-v2, not walker2d-medium-v2"
     ):
-        o2o.load_offline_ensemble(ensemble, members_of(2), "walker2d-medium-v2")
-    with pytest.raises(DatasetError, match="holds 2 members, fewer than --ensemble-size 3"):
-        o2o.load_offline_ensemble(ensemble, members_of(3), "hopper-medium-v2")
-    with pytest.raises(DatasetError, match="does not fit this run.*hidden dims \\[32, 32\\]"):
-        o2o.load_offline_ensemble(ensemble, members_of(2, (16, 16)), "hopper-medium-v2")
+        o2o.load_offline_ensemble(ensemble, members_of(2), "walker2d-medium-v2", 11, 3)
+    with pytest.raises(CheckpointError, match="holds 2 members, fewer than --ensemble-size 3"):
+        o2o.load_offline_ensemble(ensemble, members_of(3), "hopper-medium-v2", 11, 3)
+    with pytest.raises(CheckpointError, match="does not fit this run.*hidden dims \\[32, 32\\]"):
+        o2o.load_offline_ensemble(ensemble, members_of(2, (16, 16)), "hopper-medium-v2", 11, 3)
 
     # BRED fine-tunes from it as from the run's own offline.npz (no offline phase logged)
     bred_dir = tmp_path / "bred"
