@@ -81,43 +81,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 from flax import struct
 from flax.training.train_state import TrainState
-from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from common import flags, lifecycle  # noqa: E402
 from common.buffers import ReplayBuffer  # noqa: E402
 from common.checkpoints import (  # noqa: E402
     load_checkpoint,
     load_offline_agent,
-    read_checkpoint_metadata,
     save_checkpoint,
 )
 from common.datasets import TRANSITION_KEYS, load_d4rl, parse_name  # noqa: E402
 from common.envs import OnlineEnv  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
-from common.logger import Logger, check_same_config, finish_run, make_run_dir  # noqa: E402
 from common.networks import Critic, TanhGaussianPolicy, ValueNet  # noqa: E402
-from common.validation import (  # noqa: E402
-    CheckpointPath,
-    Count,
-    Discount,
-    LearningRate,
-    NonNegative,
-    PolyakRate,
-    Positive,
-    RunDir,
-    Seed,
-    Steps,
-    UsageError,
-    Widths,
-    check_file,
-    check_flags,
-    check_multiple,
-    check_run_dir,
-    warn_if_longer,
-)
 
 # Table 10 / the authors' code: beta, (k0, K, k_min), top-N trajectories, per dataset level.
 ACA_DEFAULTS = {
@@ -130,83 +108,74 @@ ACA_DEFAULTS = {
 
 
 @dataclasses.dataclass
-class Args:
+class Args(lifecycle.RunFlags):
     env: str = "hopper-medium-v2"
     """D4RL dataset name; the online phase runs its gymnasium v5 environment"""
-    seed: Seed = 0
+    seed: flags.Seed = 0
     """seed of everything (parameters, sampling, environments)"""
-    hidden_dims: Widths = (256, 256)
+    hidden_dims: flags.Widths = (256, 256)
     """hidden layers of the policy, critics and Z baselines (ReLU)"""
-    batch_size: Count = 256
+    batch_size: flags.Count = 256
     """minibatch size of every gradient step"""
-    gamma: Discount = 0.99
+    gamma: flags.Discount = 0.99
     """discount factor"""
-    tau: PolyakRate = 5e-3
+    tau: flags.PolyakRate = 5e-3
     """Polyak rate of the target critics"""
 
     offline_algo: Literal["sacml", "cql"] = "sacml"
     """offline learner: SAC+ML (Eq. 4-6) or CQL(H) (Sec. 6.3)"""
-    offline_steps: Steps = 500_000
+    offline_steps: flags.Steps = 500_000
     """offline gradient steps (paper: 500 episodes x 1000)"""
-    offline_checkpoint: CheckpointPath = None
+    offline_checkpoint: flags.CheckpointPath = None
     """path of a saved offline agent (`offline.npz`): skip pretraining"""
-    offline_actor_lr: LearningRate | None = None
+    offline_actor_lr: flags.LearningRate | None = None
     """offline policy lr (default 3e-4 for SAC+ML, 1e-4 for CQL, Table 11)"""
-    offline_alpha_lr: LearningRate | None = None
+    offline_alpha_lr: flags.LearningRate | None = None
     """offline temperature lr (default 3e-4 for SAC+ML, 1e-4 for CQL)"""
-    critic_lr: LearningRate = 3e-4
+    critic_lr: flags.LearningRate = 3e-4
     """offline Q lr"""
-    z_lr: LearningRate = 3e-4
+    z_lr: flags.LearningRate = 3e-4
     """lr of the Z baselines (Eq. 8)"""
-    ml_weight: NonNegative = 30.0
+    ml_weight: flags.NonNegative = 30.0
     """w of Eq. (4): lambda = w / mean|Q|"""
-    cql_weight: NonNegative = 10.0
+    cql_weight: flags.NonNegative = 10.0
     """CQL conservative weight (Table 9)"""
-    cql_n_actions: Count = 10
+    cql_n_actions: flags.Count = 10
     """actions sampled per state for CQL's log-sum-exp (Table 9)"""
-    offline_eval_every: Count = 5_000
+    offline_eval_every: flags.Count = 5_000
     """offline gradient steps between evaluations"""
-    log_every: Count = 1_000
+    log_every: flags.Count = 1_000
     """offline steps compiled into one call and logged together; online steps between logs"""
 
     finetune: Literal["aca", "sac", "bc-only", "r-init-q"] = "aca"
     """online method: ACA, SAC->SAC, or the Appendix D.1 ablations"""
-    online_steps: Steps = 100_000
+    online_steps: flags.Steps = 100_000
     """environment steps of fine-tuning, one update each (paper: 100k)"""
     offline_data: Literal["auto", "topn", "all", "none"] = "auto"
     """initial buffer: top-N offline trajectories, all offline data, or empty (Sec. 6.4); auto:
     topn for the ACA variants, all for SAC->SAC (Appendix E.1)"""
-    top_n: Count | None = None
+    top_n: flags.Count | None = None
     """trajectories pre-loaded with --offline-data topn (default: per dataset, Table 10)"""
-    beta: NonNegative | None = None
+    beta: flags.NonNegative | None = None
     """beta of the clip (Eq. 12-13) (default: per dataset, Table 10)"""
-    k_init: NonNegative | None = None
+    k_init: flags.NonNegative | None = None
     """k0 of the critic interpolation (Eq. 19) (default: per dataset)"""
-    k_decay_episodes: Positive | None = None
+    k_decay_episodes: flags.Positive | None = None
     """K: k falls by k0 / (K x 1000) per gradient step (default: per dataset)"""
-    k_min: NonNegative | None = None
+    k_min: flags.NonNegative | None = None
     """floor of k (default: per dataset)"""
-    online_lr: LearningRate = 3e-4
+    online_lr: flags.LearningRate = 3e-4
     """online actor, critic and temperature lr"""
-    actor_grad_clip: NonNegative = 0.25
+    actor_grad_clip: flags.NonNegative = 0.25
     """global-norm clip of the online actor gradient (ACA variants; 0 disables)"""
-    buffer_size: Count = 1_000_000
+    buffer_size: flags.Count = 1_000_000
     """online replay capacity (FIFO)"""
-    eval_every: Count = 1_000
+    eval_every: flags.Count = 1_000
     """online env steps between evaluations"""
-    eval_episodes: Count = 10
+    eval_episodes: flags.Count = 10
     """deterministic evaluation episodes"""
-    checkpoint_every: Count = 10_000
+    checkpoint_every: flags.Count = 10_000
     """steps (offline gradient steps, online env steps) between full checkpoints"""
-
-    run_dir: RunDir = None
-    """run directory (default runs/<env>__aca__<seed>__<time>)"""
-    resume: bool = False
-    """continue the run in --run-dir from its checkpoint"""
-    no_generate: bool = False
-    """fail instead of generating a missing dataset"""
-    stop_after: Steps | None = None
-    """exit (as if interrupted) after the checkpoint at this global step; for testing --resume"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -700,23 +669,8 @@ def top_trajectories(transitions: dict, episode_ids, episode_returns, n: int) ->
 # ================================================================================================
 
 
-def check_args(args: Args) -> None:
-    """Every flag and path, before anything is created or compiled (one-line UsageError)."""
-    check_flags(args)
-    for name in ("offline_steps", "offline_eval_every", "online_steps", "eval_every"):
-        check_multiple(args, name, "log_every")
-    check_run_dir(args.run_dir, args.resume)
-    if args.resume:
-        check_same_config(args.run_dir, args)
-    if args.offline_checkpoint:
-        check_file(args.offline_checkpoint, "offline_checkpoint")
-    elif args.offline_steps:
-        warn_if_longer(args, "offline_eval_every", "offline_steps")
-    warn_if_longer(args, "eval_every", "online_steps")
-
-
 def main(args: Args) -> dict:
-    check_args(args)
+    lifecycle.check_args(args)
     _, split = parse_name(args.env)
     settings = online_settings(args, split)
     data = load_d4rl(args.env, allow_generate=not args.no_generate)
@@ -741,31 +695,18 @@ def main(args: Args) -> dict:
     def eval_metrics(params, seed):
         return evaluate(env_name, lambda o: deterministic(params, o), args.eval_episodes, seed)
 
-    run_dir = (
-        pathlib.Path(args.run_dir) if args.run_dir else make_run_dir(args.env, "aca", args.seed)
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, offline_path = run_dir / "checkpoint.npz", run_dir / "offline.npz"
-    progress = {"phase": "offline", "offline_step": 0}
-    resumed = args.resume and ckpt_path.exists()
-    if resumed:
-        progress = read_checkpoint_metadata(ckpt_path)
-    resume_step = (
-        progress["offline_step"]
-        if progress["phase"] == "offline"
-        else args.offline_steps + progress["env_steps"]
-    )
-    logger = Logger(run_dir, config=args, resume_step=resume_step if resumed else None)
+    run = lifecycle.open_run(args, "aca")
+    progress = run.progress
 
     # ---------------------------------------------------------------- offline: Algorithm 1
     if args.offline_checkpoint:
         pass  # loaded above
-    elif resumed and progress["phase"] == "online":
-        state, meta = load_checkpoint(offline_path, state)
-        print(f"offline agent loaded from {offline_path} ({meta.get('offline_algo', '?')})")
+    elif run.offline_done:
+        state, meta = load_checkpoint(run.offline_path, state)
+        print(f"offline agent loaded from {run.offline_path} ({meta.get('offline_algo', '?')})")
     elif args.offline_steps > 0:
-        if resumed:
-            state, progress = load_checkpoint(ckpt_path, state)
+        if run.resumed:
+            state, progress = load_checkpoint(run.checkpoint_path, state)
             print(f"resumed offline phase at step {progress['offline_step']}")
         offline_update = make_offline_update(args, actor, critic, baseline, action_dim)
 
@@ -780,25 +721,21 @@ def main(args: Args) -> dict:
             state, metrics = jax.lax.scan(body, state, None, length=args.log_every)
             return state, jax.tree_util.tree_map(jnp.mean, metrics)
 
-        bar = tqdm(
+        bar = lifecycle.progress_bar(
             range(progress["offline_step"], args.offline_steps, args.log_every),
             desc=f"offline {args.offline_algo}", unit_scale=args.log_every,
-            mininterval=0.5 if sys.stderr.isatty() else 30.0,
         )  # fmt: skip
         for step in bar:
             state, metrics = offline_chunk(state, offline)
             step += args.log_every
-            logger.log(step, metrics, prefix="offline/")
+            run.logger.log(step, metrics, prefix="offline/")
             if step % args.offline_eval_every == 0 or step == args.offline_steps:
-                result = eval_metrics(state.actor.params, args.seed + step)
-                logger.log(step, result.metrics(), prefix="eval/")
-                bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+                run.log_eval(step, eval_metrics(state.actor.params, args.seed + step), bar)
             if step % args.checkpoint_every == 0 or step == args.offline_steps:
-                save_checkpoint(ckpt_path, state, {"phase": "offline", "offline_step": step})
-                if args.stop_after == step:
-                    raise SystemExit(f"stopped after offline step {step} (--stop-after)")
-        save_checkpoint(offline_path, state, agent_metadata)
-    if not resumed or progress["phase"] == "offline":
+                progress = {"phase": "offline", "offline_step": step}
+                run.save(state, progress, step, args.stop_after, "offline step")
+        save_checkpoint(run.offline_path, state, agent_metadata)
+    if not run.offline_done:
         progress = {"phase": "online", "env_steps": 0}
     before = eval_metrics(state.actor.params, args.seed + 10**6)
     print(f"after offline pretraining: normalized score {before.mean_normalized:.1f}")
@@ -826,8 +763,8 @@ def main(args: Args) -> dict:
     online_state_key, first_action_key = jax.random.split(online_key)
     online = create_online_state(args, state, obs_dim, action_dim, buffer, online_state_key)
     env = OnlineEnv(env_name, args.seed)
-    if resumed and progress["env_steps"] > 0:
-        online, progress = load_checkpoint(ckpt_path, online)
+    if run.resumed and progress["env_steps"] > 0:
+        online, progress = load_checkpoint(run.checkpoint_path, online)
         env.load_state_dict(progress["env"])
         action = np.asarray(progress["action"], np.float32)
         print(f"resumed online phase at env step {progress['env_steps']}")
@@ -836,9 +773,9 @@ def main(args: Args) -> dict:
         action = np.asarray(jnp.tanh(sample_pre_tanh(mean, log_std, first_action_key)))
     step_fn = make_env_step(args, settings, actor, critic, action_dim)
     start = progress["env_steps"]
-    bar = tqdm(
+    bar = lifecycle.progress_bar(
         range(start, args.online_steps), initial=start, total=args.online_steps,
-        desc=f"online {args.finetune}", mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        desc=f"online {args.finetune}",
     )  # fmt: skip
     window = []  # the metrics since the last log, still on the device
     for step in bar:
@@ -846,51 +783,31 @@ def main(args: Args) -> dict:
         global_step = args.offline_steps + env_steps
         transition, finished = env.step(action)
         if finished:
-            logger.log(global_step, finished, prefix="train/")
+            run.logger.log(global_step, finished, prefix="train/")
         online, action, metrics = step_fn(online, transition, jnp.asarray(env.obs))
         action = np.asarray(action)
         window.append(metrics)
         if env_steps % args.log_every == 0:  # means over the steps that ran an update
-            updated = jnp.stack([m["updated"] for m in window])
-            means = {
-                k: (jnp.stack([m[k] for m in window]) * updated).sum() / updated.sum()
-                for k in window[0]
-                if k != "updated"
-            }
+            stacked = lifecycle.stack_metrics(window)
+            updated = stacked.pop("updated")
+            means = {k: (v * updated).sum() / updated.sum() for k, v in stacked.items()}
             if updated.sum() > 0:
-                logger.log(global_step, means | {"updates": updated.sum()}, prefix="online/")
+                run.logger.log(global_step, means | {"updates": updated.sum()}, prefix="online/")
             window = []
         if env_steps % args.eval_every == 0:
             result = eval_metrics(online.actor.params, args.seed + env_steps)
-            logger.log(global_step, result.metrics(), prefix="eval/")
-            bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+            run.log_eval(global_step, result, bar)
         if env_steps % args.checkpoint_every == 0 or env_steps == args.online_steps:
             progress = {"phase": "online", "env_steps": env_steps, "env": env.state_dict(),
                         "action": action.tolist()}  # fmt: skip
-            save_checkpoint(ckpt_path, online, progress)
-            if args.stop_after == global_step:
-                raise SystemExit(f"stopped after global step {global_step} (--stop-after)")
+            run.save(online, progress, global_step, args.stop_after)
 
     after = eval_metrics(online.actor.params, args.seed + 2 * 10**6)
-    return finish_run(
-        logger,
-        run_dir,
-        args,
-        before,
-        after,
-        dataset=data.info.minari_id,
-        finetune=args.finetune,
+    return run.finish(
+        args, before, after, dataset=data.info.minari_id, finetune=args.finetune,
         offline_algo=args.offline_algo,
-    )
-
-
-def cli(argv: list[str] | None = None) -> dict:
-    """The command line: bad input ends with one line on stderr and exit status 1."""
-    try:
-        return main(tyro.cli(Args, args=argv))
-    except UsageError as err:
-        raise SystemExit(f"error: {err}") from None
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
-    cli()
+    lifecycle.cli(main, Args)

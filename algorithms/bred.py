@@ -53,12 +53,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 from flax import struct
 from flax.training.train_state import TrainState
-from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from common import flags, lifecycle  # noqa: E402
 from common.buffers import ReplayBuffer  # noqa: E402
 from common.checkpoints import (  # noqa: E402
     CheckpointError,
@@ -70,129 +69,98 @@ from common.checkpoints import (  # noqa: E402
 from common.datasets import TRANSITION_KEYS, load_d4rl  # noqa: E402
 from common.envs import OnlineEnv  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
-from common.logger import Logger, check_same_config, finish_run, make_run_dir  # noqa: E402
 from common.networks import Critic, TanhGaussianPolicy, tanh_gaussian  # noqa: E402
-from common.validation import (  # noqa: E402
-    CheckpointPath,
-    Count,
-    Discount,
-    Fraction,
-    LearningRate,
-    NonNegative,
-    OpenFraction,
-    PolyakRate,
-    Positive,
-    RunDir,
-    Seed,
-    Steps,
-    UsageError,
-    Widths,
-    check_file,
-    check_flags,
-    check_multiple,
-    check_run_dir,
-    warn_if_longer,
-)
 
 
 @dataclasses.dataclass
-class Args:
+class Args(lifecycle.RunFlags):
     env: str = "hopper-medium-v2"
     """D4RL dataset name; the online phase runs its gymnasium v5 environment"""
-    seed: Seed = 0
+    seed: flags.Seed = 0
     """seed of everything (parameters, sampling, environments)"""
-    ensemble_size: Count = 5
+    ensemble_size: flags.Count = 5
     """N, the number of CQL agents (paper: 5; ablation 1, 2, 5)"""
-    hidden_dims: Widths | None = None
+    hidden_dims: flags.Widths | None = None
     """hidden layers of every network (default: the papers' 256-256; 256-256-256 on
     halfcheetah-medium-expert)"""
-    batch_size: Count = 256
+    batch_size: flags.Count = 256
     """B of Eq. (7)"""
-    gamma: Discount = 0.99
+    gamma: flags.Discount = 0.99
     """discount factor"""
-    tau: PolyakRate = 5e-3
+    tau: flags.PolyakRate = 5e-3
     """Polyak rate of the target critics, every update"""
 
     # --- offline CQL (the CQL authors' defaults, as in off2on_balanced.py) ---
-    offline_steps: Steps = 1_000_000
+    offline_steps: flags.Steps = 1_000_000
     """offline gradient steps per member (CQL: 1000 epochs x 1000)"""
-    offline_checkpoint: CheckpointPath = None
+    offline_checkpoint: flags.CheckpointPath = None
     """a saved CQL ensemble (a run's `offline.npz`, also off2on's, or an exported `ensemble.npz`)"""
-    offline_policy_lr: LearningRate = 1e-4
+    offline_policy_lr: flags.LearningRate = 1e-4
     """offline (CQL) policy and temperature learning rate"""
-    offline_q_lr: LearningRate = 3e-4
+    offline_q_lr: flags.LearningRate = 3e-4
     """offline (CQL) critic and Lagrange-multiplier learning rate"""
-    cql_weight: NonNegative = 5.0
+    cql_weight: flags.NonNegative = 5.0
     """alpha' of Eq. (4) (CQL's min_q_weight; the CQL authors use 1.0 with --cql-lagrange)"""
     cql_lagrange: bool = False
     """scale the CQL term by a dual variable tuned to keep weight * gap at --cql-target-gap"""
-    cql_target_gap: NonNegative = 5.0
+    cql_target_gap: flags.NonNegative = 5.0
     """the Lagrange threshold (CQL's target_action_gap)"""
-    cql_n_actions: Count = 10
+    cql_n_actions: flags.Count = 10
     """actions sampled per state for each of the uniform / pi(s) / pi(s') terms of Eq. (4)"""
-    cql_temperature: Positive = 1.0
+    cql_temperature: flags.Positive = 1.0
     """temperature of CQL's log-sum-exp (1 = the CQL(H) objective)"""
-    bc_steps: Steps = 40_000
+    bc_steps: flags.Steps = 40_000
     """offline steps of behaviour cloning for the policy before the SAC policy loss"""
     deterministic_backup: bool = True
     """offline target without the entropy term (CQL's default for MuJoCo)"""
-    offline_eval_every: Count = 50_000
+    offline_eval_every: flags.Count = 50_000
     """offline steps between evaluations"""
-    log_every: Count = 1_000
+    log_every: flags.Count = 1_000
     """offline steps compiled into one call and logged together"""
 
     # --- ensemble distillation (Eq. 8-9) ---
     no_distill: bool = False
     """keep N independent policies instead of distilling them (Fig. 5 ablation)"""
-    distill_epochs: Count = 1_000
+    distill_epochs: flags.Count = 1_000
     """maximum distillation epochs (paper: 1000, with early stopping)"""
-    distill_steps_per_epoch: Count = 1_000
+    distill_steps_per_epoch: flags.Count = 1_000
     """gradient steps per distillation epoch"""
-    distill_patience: Count = 10
+    distill_patience: flags.Count = 10
     """stop after this many epochs without a better validation loss"""
-    distill_validation_fraction: OpenFraction = 0.1
+    distill_validation_fraction: flags.OpenFraction = 0.1
     """share of offline transitions held out for early stopping"""
-    distill_lr: LearningRate = 3e-4
+    distill_lr: flags.LearningRate = 3e-4
     """learning rate of the distilled policy (Eq. 8)"""
 
     # --- online fine-tuning ---
-    online_steps: Steps = 250_000
+    online_steps: flags.Steps = 250_000
     """environment steps of fine-tuning (paper: 250k)"""
-    steps_per_epoch: Count = 1_000
+    steps_per_epoch: flags.Count = 1_000
     """env steps collected per epoch; the epoch then runs as many updates"""
-    first_epoch_multiplier: Count = 10
+    first_epoch_multiplier: flags.Count = 10
     """the first epoch runs this many times more updates (paper: 10x)"""
-    policy_lr: LearningRate = 3e-4
+    policy_lr: flags.LearningRate = 3e-4
     """paper: chosen per task from {3e-4, 3e-5, 5e-6}"""
-    q_lr: LearningRate = 3e-4
+    q_lr: flags.LearningRate = 3e-4
     """online critic learning rate"""
-    alpha_lr: LearningRate = 3e-4
+    alpha_lr: flags.LearningRate = 3e-4
     """temperature learning rate"""
-    init_alpha: Positive = 1.0
+    init_alpha: flags.Positive = 1.0
     """online temperature at the start of fine-tuning (auto-tuned after)"""
-    online_buffer_size: Count = 250_000
+    online_buffer_size: flags.Count = 250_000
     """capacity of the online buffer"""
     replay: Literal["balanced", "uniform", "online-only"] = "balanced"
     """balanced: Eq. (7) mix; uniform: pooled buffer; online-only: online samples alone"""
-    initial_online_fraction: Fraction = 0.5
+    initial_online_fraction: flags.Fraction = 0.5
     """rho_0 of Eq. (7) (paper: 0.5 or 0.75)"""
-    anneal_steps: Count = 125_000
+    anneal_steps: flags.Count = 125_000
     """t_final of Eq. (7): online steps until batches are fully online"""
     online_cql: bool = False
     """keep the CQL regulariser during fine-tuning with the fixed weight --cql-weight (Fig. 10)"""
-    eval_episodes: Count = 5
+    eval_episodes: flags.Count = 5
     """deterministic evaluation episodes per epoch"""
-    checkpoint_every: Count = 10_000
+    checkpoint_every: flags.Count = 10_000
     """steps (offline gradient steps, online env steps) between full checkpoints"""
-
-    run_dir: RunDir = None
-    """run directory (default runs/<env>__bred__<seed>__<time>)"""
-    resume: bool = False
-    """continue the run in --run-dir from its checkpoint"""
-    no_generate: bool = False
-    """fail instead of generating a missing dataset"""
-    stop_after: Steps | None = None
-    """exit (as if interrupted) after the checkpoint at this global step; for testing --resume"""
 
 
 # ==== BEGIN SHARED BLOCK: CQL ensemble pretraining ============================================
@@ -422,32 +390,26 @@ def create_cql_members(args, actor, critic, obs_dim, action_dim, key) -> CQLMemb
     return jax.vmap(create)(jax.random.split(key, args.ensemble_size))
 
 
-def pretrain_cql_ensemble(
-    args, members, key, offline, cql_update, logger, eval_fn, ckpt_path, start
-):
+def pretrain_cql_ensemble(args, members, key, offline, cql_update, run, eval_fn, start):
     """The offline phase: CQL steps [start, args.offline_steps) in compiled chunks of
-    `log_every`; logs `offline/*`, evaluates with `eval_fn(actor_params, seed) -> EvalResult`
-    every `offline_eval_every` steps, checkpoints (members, key) every `checkpoint_every` steps
-    with progress {"phase": "offline", "offline_step"}, and honours --stop-after."""
+    `log_every`; logs `offline/*` to `run`, evaluates with `eval_fn(actor_params, seed) ->
+    EvalResult` every `offline_eval_every` steps, checkpoints (members, key) every
+    `checkpoint_every` steps with progress {"phase": "offline", "offline_step"}, and honours
+    --stop-after."""
     offline_chunk = make_offline_chunk(args, cql_update)
-    bar = tqdm(
-        range(start, args.offline_steps, args.log_every),
-        desc="offline CQL",
+    bar = lifecycle.progress_bar(
+        range(start, args.offline_steps, args.log_every), desc="offline CQL",
         unit_scale=args.log_every,
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-    )
+    )  # fmt: skip
     for step in bar:
         members, key, metrics = offline_chunk(members, offline, key, jnp.int32(step))
         step += args.log_every
-        logger.log(step, metrics, prefix="offline/")
+        run.logger.log(step, metrics, prefix="offline/")
         if step % args.offline_eval_every == 0 or step == args.offline_steps:
-            result = eval_fn(members.actor.params, args.seed + step)
-            logger.log(step, result.metrics(), prefix="eval/")
-            bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+            run.log_eval(step, eval_fn(members.actor.params, args.seed + step), bar)
         if step % args.checkpoint_every == 0 or step == args.offline_steps:
-            save_checkpoint(ckpt_path, (members, key), {"phase": "offline", "offline_step": step})
-            if args.stop_after == step:
-                raise SystemExit(f"stopped after offline step {step} (--stop-after)")
+            progress = {"phase": "offline", "offline_step": step}
+            run.save((members, key), progress, step, args.stop_after, "offline step")
     return members, key
 
 
@@ -551,9 +513,7 @@ def distill(args: Args, actor, member_params, observations, key, logger, global_
         return state, losses.mean(), val
 
     best = (float("inf"), 0, state.params)
-    bar = tqdm(
-        range(args.distill_epochs), desc="distill", mininterval=0.5 if sys.stderr.isatty() else 30.0
-    )
+    bar = lifecycle.progress_bar(range(args.distill_epochs), desc="distill")
     start = time.perf_counter()
     for i in bar:
         if i == 1:  # the first epoch includes compilation
@@ -801,26 +761,12 @@ def create_online_state(args, members: CQLMember, policy_params, obs_dim, action
 # ================================================================================================
 
 
-def check_args(args: Args) -> None:
-    """Every flag and path, before anything is created or compiled (one-line UsageError)."""
-    check_flags(args)
-    check_multiple(args, "online_steps", "steps_per_epoch")
-    for name in ("offline_steps", "offline_eval_every"):
-        check_multiple(args, name, "log_every")
-    check_run_dir(args.run_dir, args.resume)
-    if args.resume:
-        check_same_config(args.run_dir, args)
-    if args.offline_checkpoint:
-        check_file(args.offline_checkpoint, "offline_checkpoint")
-    elif args.offline_steps:
-        warn_if_longer(args, "offline_eval_every", "offline_steps")
-        warn_if_longer(args, "bc_steps", "offline_steps")
-
-
 def main(args: Args) -> dict:
     if args.hidden_dims is None:
         args = dataclasses.replace(args, hidden_dims=paper_hidden_dims(args.env))
-    check_args(args)
+    lifecycle.check_args(
+        args, online_unit="steps_per_epoch", online_eval=None, offline_intervals=("bc_steps",)
+    )
     data = load_d4rl(args.env, allow_generate=not args.no_generate)
     env_name = data.info.env
     offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
@@ -846,40 +792,27 @@ def main(args: Args) -> dict:
         )
         print(f"offline ensemble loaded from {args.offline_checkpoint}")
 
-    run_dir = (
-        pathlib.Path(args.run_dir) if args.run_dir else make_run_dir(args.env, "bred", args.seed)
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, offline_path = run_dir / "checkpoint.npz", run_dir / "offline.npz"
-    distilled_path = run_dir / "distilled.npz"
-
     # ---------------------------------------------------------------- offline phase
-    progress = {"phase": "offline", "offline_step": 0}
-    resumed = args.resume and ckpt_path.exists()
-    if resumed:
-        progress = read_checkpoint_metadata(ckpt_path)
-    if progress["phase"] == "offline":
-        resume_step = progress["offline_step"]
-    else:
-        resume_step = args.offline_steps + progress["env_steps"]
-    logger = Logger(run_dir, config=args, resume_step=resume_step if resumed else None)
-    if args.offline_checkpoint or (resumed and progress["phase"] == "online"):
+    run = lifecycle.open_run(args, "bred")
+    progress, distilled_path = run.progress, run.dir / "distilled.npz"
+    if args.offline_checkpoint or run.offline_done:
         if not args.offline_checkpoint:
-            members = load_offline_ensemble(offline_path, members, args.env, obs_dim, action_dim)
-            print(f"offline ensemble loaded from {offline_path}")
+            members = load_offline_ensemble(
+                run.offline_path, members, args.env, obs_dim, action_dim
+            )
+            print(f"offline ensemble loaded from {run.offline_path}")
     else:
-        if resumed:
-            (members, key), progress = load_checkpoint(ckpt_path, (members, key))
+        if run.resumed:
+            (members, key), progress = load_checkpoint(run.checkpoint_path, (members, key))
             print(f"resumed offline phase at step {progress['offline_step']}")
         cql_update = make_cql_update(args, actor, critic, action_dim)
         members, key = pretrain_cql_ensemble(
-            args, members, key, offline, cql_update, logger, eval_policy, ckpt_path,
-            progress["offline_step"],
-        )  # fmt: skip
+            args, members, key, offline, cql_update, run, eval_policy, progress["offline_step"]
+        )
         offline_meta = {"algorithm": CQL_ENSEMBLE, "env": args.env, "obs_dim": obs_dim,
                         "action_dim": action_dim, "offline_steps": args.offline_steps}  # fmt: skip
-        save_checkpoint(offline_path, (members, key), offline_meta)
-    if not resumed or progress["phase"] == "offline":
+        save_checkpoint(run.offline_path, (members, key), offline_meta)
+    if not run.offline_done:
         progress = {"phase": "online", "env_steps": 0}
 
     # ---------------------------------------------------------------- distillation
@@ -890,12 +823,12 @@ def main(args: Args) -> dict:
     else:
         template = members.actor.params
         single = jax.tree_util.tree_map(lambda x: x[0], template)
-        if resumed and distilled_path.exists():
+        if run.resumed and distilled_path.exists():
             (policy_params, _), meta = load_checkpoint(distilled_path, (single, key))
         else:
             policy_params, meta = distill(
-                args, actor, members.actor.params, offline["observations"], distill_key, logger,
-                args.offline_steps,
+                args, actor, members.actor.params, offline["observations"], distill_key,
+                run.logger, args.offline_steps,
             )  # fmt: skip
             save_checkpoint(distilled_path, (policy_params, key), meta)
         summary["distillation"] = meta
@@ -910,8 +843,8 @@ def main(args: Args) -> dict:
     # ---------------------------------------------------------------- online phase
     state = create_online_state(args, members, policy_params, obs_dim, action_dim, online_key)
     env = OnlineEnv(env_name, args.seed)
-    if resumed and progress.get("env_steps", 0) > 0:
-        state, progress = load_checkpoint(ckpt_path, state)
+    if run.resumed and progress.get("env_steps", 0) > 0:
+        state, progress = load_checkpoint(run.checkpoint_path, state)
         env.load_state_dict(progress["env"])
         print(f"resumed online phase at env step {progress['env_steps']}")
     insert_and_train, policy_dist = make_online_update(args, actor, critic, action_dim)
@@ -920,16 +853,15 @@ def main(args: Args) -> dict:
 
     epochs = args.online_steps // args.steps_per_epoch
     first_epoch = progress["env_steps"] // args.steps_per_epoch
-    bar = tqdm(
-        range(first_epoch, epochs), initial=first_epoch, total=epochs, desc="online", unit="epoch",
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    # Counted in env steps (updated as they are taken), so the bar moves within seconds.
+    bar = lifecycle.progress_bar(
+        None, initial=first_epoch * args.steps_per_epoch, total=args.online_steps, desc="online",
+        unit="step",
     )  # fmt: skip
-    for epoch in bar:
+    for epoch in range(first_epoch, epochs):
         env_steps = epoch * args.steps_per_epoch
         global_step = args.offline_steps + env_steps
-        result = evaluate_online(state.policy.params, args.seed + epoch)
-        logger.log(global_step, result.metrics(), prefix="eval/")
-        bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+        run.log_eval(global_step, evaluate_online(state.policy.params, args.seed + epoch), bar)
 
         step_keys = np.asarray(
             jax.random.split(jax.random.fold_in(state.key, epoch), args.steps_per_epoch)
@@ -941,33 +873,23 @@ def main(args: Args) -> dict:
             )
             transitions.append(transition)
             if finished:
-                logger.log(global_step + t + 1, finished, prefix="train/")
+                run.logger.log(global_step + t + 1, finished, prefix="train/")
+            bar.update(1)
         batch = {k: jnp.asarray(np.stack([tr[k] for tr in transitions])) for k in TRANSITION_KEYS}
         updates = args.steps_per_epoch * (args.first_epoch_multiplier if epoch == 0 else 1)
         # Eq. (7)'s t counts the online samples collected so far (this epoch's included).
         state = state.replace(env_steps=state.env_steps + args.steps_per_epoch)
         state, metrics = insert_and_train(state, offline, batch, jnp.int32(updates))
         env_steps += args.steps_per_epoch
-        logger.log(global_step + args.steps_per_epoch, metrics, prefix="online/")
+        run.logger.log(global_step + args.steps_per_epoch, metrics, prefix="online/")
         if env_steps % args.checkpoint_every == 0 or env_steps == args.online_steps:
             progress = {"phase": "online", "env_steps": env_steps, "env": env.state_dict()}
-            save_checkpoint(ckpt_path, state, progress)
-            if args.stop_after == global_step + args.steps_per_epoch:
-                raise SystemExit(
-                    f"stopped after global step {global_step + args.steps_per_epoch} (--stop-after)"
-                )
+            run.save(state, progress, global_step + args.steps_per_epoch, args.stop_after)
 
+    bar.close()
     after = evaluate_online(state.policy.params, args.seed + 2 * 10**6)
-    return finish_run(logger, run_dir, args, before, after, **summary)
-
-
-def cli(argv: list[str] | None = None) -> dict:
-    """The command line: bad input ends with one line on stderr and exit status 1."""
-    try:
-        return main(tyro.cli(Args, args=argv))
-    except UsageError as err:
-        raise SystemExit(f"error: {err}") from None
+    return run.finish(args, before, after, **summary)
 
 
 if __name__ == "__main__":
-    cli()
+    lifecycle.cli(main, Args)

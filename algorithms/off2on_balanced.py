@@ -58,12 +58,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 from flax import struct
 from flax.training.train_state import TrainState
-from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from common import flags, lifecycle  # noqa: E402
 from common.buffers import PrioritizedBuffer  # noqa: E402
 from common.checkpoints import (  # noqa: E402
     CheckpointError,
@@ -75,118 +74,88 @@ from common.checkpoints import (  # noqa: E402
 from common.datasets import TRANSITION_KEYS, load_d4rl  # noqa: E402
 from common.envs import OnlineEnv  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
-from common.logger import Logger, check_same_config, finish_run, make_run_dir  # noqa: E402
 from common.networks import Critic, TanhGaussianPolicy, tanh_gaussian  # noqa: E402
-from common.validation import (  # noqa: E402
-    CheckpointPath,
-    Count,
-    Discount,
-    Fraction,
-    LearningRate,
-    NonNegative,
-    PolyakRate,
-    Positive,
-    RunDir,
-    Seed,
-    Steps,
-    UsageError,
-    Widths,
-    check_file,
-    check_flags,
-    check_multiple,
-    check_run_dir,
-    warn_if_longer,
-)
 
 
 @dataclasses.dataclass
-class Args:
+class Args(lifecycle.RunFlags):
     env: str = "hopper-medium-v2"
     """D4RL dataset name; the online phase runs its gymnasium v5 environment"""
-    seed: Seed = 0
+    seed: flags.Seed = 0
     """seed of everything (parameters, sampling, environments)"""
-    ensemble_size: Count = 5
+    ensemble_size: flags.Count = 5
     """N, the number of CQL agents (paper: 5; ablation 1, 2, 5)"""
-    hidden_dims: Widths | None = None
+    hidden_dims: flags.Widths | None = None
     """hidden layers of every network (default: the papers' 256-256; 256-256-256 on
     halfcheetah-medium-expert)"""
-    batch_size: Count = 256
+    batch_size: flags.Count = 256
     """minibatch size of every gradient step"""
-    gamma: Discount = 0.99
+    gamma: flags.Discount = 0.99
     """discount factor"""
-    tau: PolyakRate = 5e-3
+    tau: flags.PolyakRate = 5e-3
     """Polyak rate of the target critics, every update"""
 
     # --- offline CQL (the CQL authors' defaults) ---
-    offline_steps: Steps = 1_000_000
+    offline_steps: flags.Steps = 1_000_000
     """offline gradient steps per member (CQL: 1000 epochs x 1000)"""
-    offline_checkpoint: CheckpointPath = None
+    offline_checkpoint: flags.CheckpointPath = None
     """a saved CQL ensemble: a run's `offline.npz` or an exported `ensemble.npz` (pretrained/)"""
-    offline_policy_lr: LearningRate = 1e-4
+    offline_policy_lr: flags.LearningRate = 1e-4
     """offline (CQL) policy and temperature learning rate"""
-    offline_q_lr: LearningRate = 3e-4
+    offline_q_lr: flags.LearningRate = 3e-4
     """offline (CQL) critic and Lagrange-multiplier learning rate"""
-    cql_weight: NonNegative = 5.0
+    cql_weight: flags.NonNegative = 5.0
     """alpha' of Eq. (3) (CQL's min_q_weight; the CQL authors use 1.0 with --cql-lagrange)"""
     cql_lagrange: bool = False
     """scale the CQL term by a dual variable tuned to keep weight * gap at --cql-target-gap"""
-    cql_target_gap: NonNegative = 5.0
+    cql_target_gap: flags.NonNegative = 5.0
     """the Lagrange threshold (CQL's target_action_gap)"""
-    cql_n_actions: Count = 10
+    cql_n_actions: flags.Count = 10
     """actions sampled per state for each of the uniform / pi(s) / pi(s') terms of Eq. (3)"""
-    cql_temperature: Positive = 1.0
+    cql_temperature: flags.Positive = 1.0
     """temperature of CQL's log-sum-exp (1 = the CQL(H) objective)"""
-    bc_steps: Steps = 40_000
+    bc_steps: flags.Steps = 40_000
     """offline steps of behaviour cloning for the policy before the SAC policy loss"""
     deterministic_backup: bool = True
     """offline target without the entropy term (CQL's default for MuJoCo)"""
-    offline_eval_every: Count = 50_000
+    offline_eval_every: flags.Count = 50_000
     """offline steps between evaluations"""
-    log_every: Count = 1_000
+    log_every: flags.Count = 1_000
     """offline steps compiled into one call and logged together"""
 
     # --- online fine-tuning (the authors' code) ---
-    online_steps: Steps = 250_000
+    online_steps: flags.Steps = 250_000
     """environment steps of fine-tuning"""
-    steps_per_epoch: Count = 1_000
+    steps_per_epoch: flags.Count = 1_000
     """env steps collected per epoch; the epoch then runs as many updates"""
-    first_epoch_multiplier: Count = 10
+    first_epoch_multiplier: flags.Count = 10
     """the first epoch runs this many times more updates (paper appendix: 5; code: 10)"""
-    policy_lr: LearningRate = 3e-4
+    policy_lr: flags.LearningRate = 3e-4
     """online policy and temperature learning rate (the authors' temperature shares it)"""
-    q_lr: LearningRate = 3e-4
+    q_lr: flags.LearningRate = 3e-4
     """online critic learning rate"""
-    online_buffer_size: Count = 250_000
+    online_buffer_size: flags.Count = 250_000
     """online slots of the replay buffer (the offline data are kept besides)"""
     replay: Literal["balanced", "uniform", "online-only"] = "balanced"
     """balanced: density-ratio priorities; uniform: one buffer, uniform; online-only: online data"""
-    temperature: Positive = 5.0
+    temperature: flags.Positive = 5.0
     """T of Eq. (6): priorities are w^(1/T)"""
-    initial_online_fraction: Fraction = 0.5
+    initial_online_fraction: flags.Fraction = 0.5
     """f: the online share of a batch right after the first epoch's samples enter"""
-    dr_lr: LearningRate = 3e-4
+    dr_lr: flags.LearningRate = 3e-4
     """learning rate of the density-ratio network"""
-    dr_batch_size: Count = 256
+    dr_batch_size: flags.Count = 256
     """offline and online batch size of each density-ratio step"""
     online_cql: bool = False
     """keep the CQL regulariser during fine-tuning (Appendix E ablation)"""
-    eval_episodes: Count = 5
+    eval_episodes: flags.Count = 5
     """deterministic evaluation episodes (authors: 5 per epoch)"""
-    auroc_samples: Count = 5_000
+    auroc_samples: flags.Count = 5_000
     """online (s, a) pairs drawn uniformly from all online data so far for the Q AUROC (Fig. 4b)"""
-    auroc_random_actions: Count = 10
+    auroc_random_actions: flags.Count = 10
     """uniformly random actions per sampled state: the unseen pairs of the Q AUROC (Fig. 4b)"""
-    checkpoint_every: Count = 10_000
+    checkpoint_every: flags.Count = 10_000
     """steps (offline gradient steps, online env steps) between full checkpoints"""
-
-    run_dir: RunDir = None
-    """run directory (default runs/<env>__off2on_balanced__<seed>__<time>)"""
-    resume: bool = False
-    """continue the run in --run-dir from its checkpoint"""
-    no_generate: bool = False
-    """fail instead of generating a missing dataset"""
-    stop_after: Steps | None = None
-    """exit (as if interrupted) after the checkpoint at this global step; for testing --resume"""
 
 
 # ================================================================================================
@@ -444,32 +413,26 @@ def create_cql_members(args, actor, critic, obs_dim, action_dim, key) -> CQLMemb
     return jax.vmap(create)(jax.random.split(key, args.ensemble_size))
 
 
-def pretrain_cql_ensemble(
-    args, members, key, offline, cql_update, logger, eval_fn, ckpt_path, start
-):
+def pretrain_cql_ensemble(args, members, key, offline, cql_update, run, eval_fn, start):
     """The offline phase: CQL steps [start, args.offline_steps) in compiled chunks of
-    `log_every`; logs `offline/*`, evaluates with `eval_fn(actor_params, seed) -> EvalResult`
-    every `offline_eval_every` steps, checkpoints (members, key) every `checkpoint_every` steps
-    with progress {"phase": "offline", "offline_step"}, and honours --stop-after."""
+    `log_every`; logs `offline/*` to `run`, evaluates with `eval_fn(actor_params, seed) ->
+    EvalResult` every `offline_eval_every` steps, checkpoints (members, key) every
+    `checkpoint_every` steps with progress {"phase": "offline", "offline_step"}, and honours
+    --stop-after."""
     offline_chunk = make_offline_chunk(args, cql_update)
-    bar = tqdm(
-        range(start, args.offline_steps, args.log_every),
-        desc="offline CQL",
+    bar = lifecycle.progress_bar(
+        range(start, args.offline_steps, args.log_every), desc="offline CQL",
         unit_scale=args.log_every,
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-    )
+    )  # fmt: skip
     for step in bar:
         members, key, metrics = offline_chunk(members, offline, key, jnp.int32(step))
         step += args.log_every
-        logger.log(step, metrics, prefix="offline/")
+        run.logger.log(step, metrics, prefix="offline/")
         if step % args.offline_eval_every == 0 or step == args.offline_steps:
-            result = eval_fn(members.actor.params, args.seed + step)
-            logger.log(step, result.metrics(), prefix="eval/")
-            bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+            run.log_eval(step, eval_fn(members.actor.params, args.seed + step), bar)
         if step % args.checkpoint_every == 0 or step == args.offline_steps:
-            save_checkpoint(ckpt_path, (members, key), {"phase": "offline", "offline_step": step})
-            if args.stop_after == step:
-                raise SystemExit(f"stopped after offline step {step} (--stop-after)")
+            progress = {"phase": "offline", "offline_step": step}
+            run.save((members, key), progress, step, args.stop_after, "offline step")
     return members, key
 
 
@@ -778,26 +741,12 @@ def q_auroc(critic, critic_params, obs, seen_actions, key, random_per_state: int
 # ================================================================================================
 
 
-def check_args(args: Args) -> None:
-    """Every flag and path, before anything is created or compiled (one-line UsageError)."""
-    check_flags(args)
-    check_multiple(args, "online_steps", "steps_per_epoch")
-    for name in ("offline_steps", "offline_eval_every"):
-        check_multiple(args, name, "log_every")
-    check_run_dir(args.run_dir, args.resume)
-    if args.resume:
-        check_same_config(args.run_dir, args)
-    if args.offline_checkpoint:
-        check_file(args.offline_checkpoint, "offline_checkpoint")
-    elif args.offline_steps:
-        warn_if_longer(args, "offline_eval_every", "offline_steps")
-        warn_if_longer(args, "bc_steps", "offline_steps")
-
-
 def main(args: Args) -> dict:
     if args.hidden_dims is None:
         args = dataclasses.replace(args, hidden_dims=paper_hidden_dims(args.env))
-    check_args(args)
+    lifecycle.check_args(
+        args, online_unit="steps_per_epoch", online_eval=None, offline_intervals=("bc_steps",)
+    )
     data = load_d4rl(args.env, allow_generate=not args.no_generate)
     env_name = data.info.env
     offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
@@ -823,42 +772,28 @@ def main(args: Args) -> dict:
         )
         print(f"offline ensemble loaded from {args.offline_checkpoint}")
 
-    run_dir = (
-        pathlib.Path(args.run_dir)
-        if args.run_dir
-        else make_run_dir(args.env, "off2on_balanced", args.seed)
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, offline_path = run_dir / "checkpoint.npz", run_dir / "offline.npz"
-
     # ---------------------------------------------------------------- offline phase
-    progress = {"phase": "offline", "offline_step": 0}
-    resumed = args.resume and ckpt_path.exists()
-    if resumed:
-        progress = read_checkpoint_metadata(ckpt_path)
-    if progress["phase"] == "offline":
-        resume_step = progress["offline_step"]
-    else:
-        resume_step = args.offline_steps + progress["env_steps"]
-    logger = Logger(run_dir, config=args, resume_step=resume_step if resumed else None)
-    if args.offline_checkpoint or (resumed and progress["phase"] == "online"):
+    run = lifecycle.open_run(args, "off2on_balanced")
+    progress = run.progress
+    if args.offline_checkpoint or run.offline_done:
         if not args.offline_checkpoint:
-            members = load_offline_ensemble(offline_path, members, args.env, obs_dim, action_dim)
-            print(f"offline ensemble loaded from {offline_path}")
-        if not resumed:
+            members = load_offline_ensemble(
+                run.offline_path, members, args.env, obs_dim, action_dim
+            )
+            print(f"offline ensemble loaded from {run.offline_path}")
+        if not run.resumed:
             progress = {"phase": "online", "env_steps": 0}
     else:
-        if resumed:
-            (members, key), progress = load_checkpoint(ckpt_path, (members, key))
+        if run.resumed:
+            (members, key), progress = load_checkpoint(run.checkpoint_path, (members, key))
             print(f"resumed offline phase at step {progress['offline_step']}")
         cql_update = make_cql_update(args, actor, critic, action_dim)
         members, key = pretrain_cql_ensemble(
-            args, members, key, offline, cql_update, logger, eval_metrics, ckpt_path,
-            progress["offline_step"],
-        )  # fmt: skip
+            args, members, key, offline, cql_update, run, eval_metrics, progress["offline_step"]
+        )
         offline_meta = {"algorithm": CQL_ENSEMBLE, "env": args.env, "obs_dim": obs_dim,
                         "action_dim": action_dim, "offline_steps": args.offline_steps}  # fmt: skip
-        save_checkpoint(offline_path, (members, key), offline_meta)
+        save_checkpoint(run.offline_path, (members, key), offline_meta)
         progress = {"phase": "online", "env_steps": 0}
     before = eval_metrics(members.actor.params, seed=args.seed + 10**6)
     print(f"after offline pretraining: normalized score {before.mean_normalized:.1f}")
@@ -866,8 +801,8 @@ def main(args: Args) -> dict:
     # ---------------------------------------------------------------- online phase
     state = create_online_state(args, members, offline, density_ratio, online_key, dr_key)
     env = OnlineEnv(env_name, args.seed)
-    if resumed and progress.get("env_steps", 0) > 0:
-        state, progress = load_checkpoint(ckpt_path, state)
+    if run.resumed and progress.get("env_steps", 0) > 0:
+        state, progress = load_checkpoint(run.checkpoint_path, state)
         env.load_state_dict(progress["env"])
         print(f"resumed online phase at env step {progress['env_steps']}")
     insert_and_train = make_online_update(
@@ -883,21 +818,15 @@ def main(args: Args) -> dict:
 
     epochs = args.online_steps // args.steps_per_epoch
     first_epoch = progress["env_steps"] // args.steps_per_epoch
-    bar = tqdm(
-        range(first_epoch, epochs),
-        initial=first_epoch,
-        total=epochs,
-        desc="online",
-        unit="epoch",
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-    )
-    last = before
-    for epoch in bar:
+    # Counted in env steps (updated as they are taken), so the bar moves within seconds.
+    bar = lifecycle.progress_bar(
+        None, initial=first_epoch * args.steps_per_epoch, total=args.online_steps, desc="online",
+        unit="step",
+    )  # fmt: skip
+    for epoch in range(first_epoch, epochs):
         env_steps = epoch * args.steps_per_epoch
         global_step = args.offline_steps + env_steps
-        last = eval_metrics(state.actor.params, seed=args.seed + epoch)
-        logger.log(global_step, last.metrics(), prefix="eval/")
-        bar.set_postfix(score=f"{last.mean_normalized:.1f}")
+        run.log_eval(global_step, eval_metrics(state.actor.params, args.seed + epoch), bar)
 
         # Collect one epoch of experience with the ensemble's exploration policy.
         act_key, auroc_key = jax.random.split(jax.random.fold_in(state.key, epoch))
@@ -908,7 +837,8 @@ def main(args: Args) -> dict:
             transition, finished = env.step(np.asarray(action))
             transitions.append(transition)
             if finished:
-                logger.log(global_step + t + 1, finished, prefix="train/")
+                run.logger.log(global_step + t + 1, finished, prefix="train/")
+            bar.update(1)
         batch = {k: jnp.asarray(np.stack([tr[k] for tr in transitions])) for k in TRANSITION_KEYS}
         updates = args.steps_per_epoch * (args.first_epoch_multiplier if epoch == 0 else 1)
         state, metrics = insert_and_train(state, batch, jnp.int32(updates))
@@ -927,28 +857,19 @@ def main(args: Args) -> dict:
             critic, state.critic.params, stored["observations"][pairs], stored["actions"][pairs],
             action_key, args.auroc_random_actions,
         )  # fmt: skip
-        logger.log(
+        run.logger.log(
             global_step,
             {**metrics, "auroc_ensemble": auc_ens, "auroc_member_mean": auc_member},
             prefix="online/",
         )
         if env_steps % args.checkpoint_every == 0 or env_steps == args.online_steps:
             progress = {"phase": "online", "env_steps": env_steps, "env": env.state_dict()}
-            save_checkpoint(ckpt_path, state, progress)
-            if args.stop_after == global_step:
-                raise SystemExit(f"stopped after global step {global_step} (--stop-after)")
+            run.save(state, progress, global_step, args.stop_after)
 
+    bar.close()
     after = eval_metrics(state.actor.params, seed=args.seed + 2 * 10**6)
-    return finish_run(logger, run_dir, args, before, after, dataset=data.info.minari_id)
-
-
-def cli(argv: list[str] | None = None) -> dict:
-    """The command line: bad input ends with one line on stderr and exit status 1."""
-    try:
-        return main(tyro.cli(Args, args=argv))
-    except UsageError as err:
-        raise SystemExit(f"error: {err}") from None
+    return run.finish(args, before, after, dataset=data.info.minari_id)
 
 
 if __name__ == "__main__":
-    cli()
+    lifecycle.cli(main, Args)

@@ -40,12 +40,12 @@ import optax
 import tyro
 from flax import struct
 from flax.training.train_state import TrainState
-from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from common import flags, lifecycle  # noqa: E402
 from common.buffers import ReplayBuffer  # noqa: E402
 from common.checkpoints import atomic_write_text, load_checkpoint, save_checkpoint  # noqa: E402
-from common.datasets import GYM_ENV_IDS, normalized_score  # noqa: E402
+from common.d4rl import GYM_ENV_IDS, normalized_score  # noqa: E402
 from common.envs import OnlineEnv  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
 from common.logger import RUN_FLAGS, Logger, check_same_config, make_run_dir  # noqa: E402
@@ -56,65 +56,49 @@ from common.networks import (  # noqa: E402
     tanh_gaussian,
     tanh_gaussian_mode,
 )
-from common.validation import (  # noqa: E402
-    Count,
-    Discount,
-    LearningRate,
-    PolyakRate,
-    Positive,
-    Range,
-    RunDir,
-    Seed,
-    Steps,
-    UsageError,
-    Widths,
-    check_flags,
-    check_run_dir,
-    warn_if_longer,
-)
 
 
 @dataclasses.dataclass
 class Args:
     env: str = "hopper"
     """environment: hopper, halfcheetah, walker2d, ant, or a D4RL name such as hopper-medium-v2"""
-    seed: Seed = 0
+    seed: flags.Seed = 0
     """seed of parameters, exploration and environments"""
-    total_steps: Steps = 1_000_000
+    total_steps: flags.Steps = 1_000_000
     """environment steps (one gradient update per step after `learning_starts`)"""
-    learning_starts: Steps = 5_000
+    learning_starts: flags.Steps = 5_000
     """steps of uniform-random actions before learning starts"""
-    buffer_size: Count = 1_000_000
+    buffer_size: flags.Count = 1_000_000
     """replay capacity (FIFO)"""
-    batch_size: Count = 256
+    batch_size: flags.Count = 256
     """minibatch size of every gradient step"""
-    gamma: Discount = 0.99
+    gamma: flags.Discount = 0.99
     """discount factor"""
-    tau: PolyakRate = 0.005
+    tau: flags.PolyakRate = 0.005
     """Polyak rate of the target critics"""
-    actor_lr: LearningRate = 3e-4
+    actor_lr: flags.LearningRate = 3e-4
     """actor learning rate"""
-    critic_lr: LearningRate = 3e-4
+    critic_lr: flags.LearningRate = 3e-4
     """critic learning rate"""
-    alpha_lr: LearningRate = 3e-4
+    alpha_lr: flags.LearningRate = 3e-4
     """temperature learning rate"""
-    init_alpha: Positive = 1.0
+    init_alpha: flags.Positive = 1.0
     """initial SAC temperature"""
-    hidden_dims: Widths = (256, 256)
+    hidden_dims: flags.Widths = (256, 256)
     """hidden layer widths of the actor and critics"""
-    eval_every: Count = 5_000
+    eval_every: flags.Count = 5_000
     """steps between evaluations"""
-    eval_episodes: Count = 10
+    eval_episodes: flags.Count = 10
     """deterministic evaluation episodes"""
-    log_every: Count = 1_000
+    log_every: flags.Count = 1_000
     """steps between training-metric logs"""
-    checkpoint_every: Count = 50_000
+    checkpoint_every: flags.Count = 50_000
     """steps between full checkpoints (params, optimisers, buffer, RNG)"""
-    save_at_returns: Annotated[tuple[float, ...], Range(what="returns")] = ()
+    save_at_returns: Annotated[tuple[float, ...], flags.Range(what="returns")] = ()
     """save the actor the first time the evaluation return reaches each of these levels"""
-    snapshot_every: Steps = 0
+    snapshot_every: flags.Steps = 0
     """save the actor every this many steps (0: never)"""
-    run_dir: RunDir = None
+    run_dir: flags.RunDir = None
     """run directory (default runs/<env>__sac__<seed>__<time>)"""
     resume: Annotated[bool, tyro.conf.arg(help="continue from run_dir/checkpoint.npz")] = False
 
@@ -269,13 +253,13 @@ def save_actor(path: pathlib.Path, state: SACState, meta: dict) -> None:
 def check_args(args: Args) -> None:
     """Every flag and path, before anything is created or compiled (one-line UsageError)."""
     if args.env.split("-")[0] not in GYM_ENV_IDS:
-        raise UsageError(f"unknown env {args.env!r}; known: {', '.join(GYM_ENV_IDS)}")
-    check_flags(args)
-    check_run_dir(args.run_dir, args.resume)
+        raise flags.UsageError(f"unknown env {args.env!r}; known: {', '.join(GYM_ENV_IDS)}")
+    flags.check_ranges(args)
+    flags.check_run_dir(args.run_dir, args.resume)
     if args.resume:  # a resumed run may be extended (--total-steps)
         check_same_config(args.run_dir, args, ignore=(*RUN_FLAGS, "total_steps"))
-    warn_if_longer(args, "eval_every", "total_steps")
-    warn_if_longer(args, "learning_starts", "total_steps")
+    flags.warn_if_longer(args, "eval_every", "total_steps")
+    flags.warn_if_longer(args, "learning_starts", "total_steps")
 
 
 def main(args: Args) -> dict:
@@ -319,14 +303,10 @@ def main(args: Args) -> dict:
             }
         return meta
 
-    bar = tqdm(
-        range(start, args.total_steps),
-        initial=start,
-        total=args.total_steps,
-        desc="sac",
+    bar = lifecycle.progress_bar(
+        range(start, args.total_steps), initial=start, total=args.total_steps, desc="sac",
         smoothing=0.05,
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,  # keep nohup logs short
-    )
+    )  # fmt: skip
     for step in bar:
         global_step = step + 1
         transition, finished = env.step(action)
@@ -375,13 +355,5 @@ def main(args: Args) -> dict:
     return summary
 
 
-def cli(argv: list[str] | None = None) -> dict:
-    """The command line: bad input ends with one line on stderr and exit status 1."""
-    try:
-        return main(tyro.cli(Args, args=argv))
-    except UsageError as err:
-        raise SystemExit(f"error: {err}") from None
-
-
 if __name__ == "__main__":
-    cli()
+    lifecycle.cli(main, Args)

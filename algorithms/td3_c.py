@@ -63,125 +63,94 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 from flax import struct
 from flax.training.train_state import TrainState
-from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from common import flags, lifecycle  # noqa: E402
 from common.buffers import ReplayBuffer  # noqa: E402
 from common.checkpoints import (  # noqa: E402
     load_checkpoint,
     load_offline_agent,
-    read_checkpoint_metadata,
     save_checkpoint,
 )
 from common.datasets import TRANSITION_KEYS, load_d4rl  # noqa: E402
 from common.envs import OnlineEnv  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
-from common.logger import Logger, check_same_config, finish_run, make_run_dir  # noqa: E402
 from common.networks import Critic, DeterministicActor  # noqa: E402
-from common.validation import (  # noqa: E402
-    CheckpointPath,
-    Count,
-    Discount,
-    Fraction,
-    LearningRate,
-    NonNegative,
-    PolyakRate,
-    RunDir,
-    Seed,
-    Steps,
-    UsageError,
-    Widths,
-    check_file,
-    check_flags,
-    check_multiple,
-    check_run_dir,
-    warn_if_longer,
-)
 
 
 @dataclasses.dataclass
-class Args:
+class Args(lifecycle.RunFlags):
     env: str = "hopper-medium-v2"
     """D4RL dataset name; the online phase runs its gymnasium v5 environment"""
-    seed: Seed = 0
+    seed: flags.Seed = 0
     """seed of everything (parameters, sampling, environments)"""
-    hidden_dims: Widths = (256, 256)
+    hidden_dims: flags.Widths = (256, 256)
     """hidden layer widths of the actor and critics"""
     layer_norm: bool = True
     """the paper's LayerNorm network (Linear-LayerNorm-tanh, then ELU); False: plain ReLU MLPs"""
-    batch_size: Count = 256
+    batch_size: flags.Count = 256
     """minibatch size of every gradient step"""
-    gamma: Discount = 0.99
+    gamma: flags.Discount = 0.99
     """discount factor"""
-    tau: PolyakRate = 5e-3
+    tau: flags.PolyakRate = 5e-3
     """Polyak rate of the target networks"""
-    actor_lr: LearningRate = 3e-4
+    actor_lr: flags.LearningRate = 3e-4
     """actor learning rate"""
-    critic_lr: LearningRate = 3e-4
+    critic_lr: flags.LearningRate = 3e-4
     """critic learning rate"""
-    policy_delay: Count = 2
+    policy_delay: flags.Count = 2
     """critic updates per actor (and target) update"""
-    target_noise: NonNegative = 0.2
+    target_noise: flags.NonNegative = 0.2
     """std of the target policy smoothing noise"""
-    target_noise_clip: NonNegative = 0.5
+    target_noise_clip: flags.NonNegative = 0.5
     """clip of the target policy smoothing noise"""
-    exploration_noise: NonNegative = 0.1
+    exploration_noise: flags.NonNegative = 0.1
     """std of the Gaussian exploration noise online"""
-    bc_alpha: NonNegative = 2.5
+    bc_alpha: flags.NonNegative = 2.5
     """alpha of TD3-BC (Eq. 3): lambda = alpha / mean|Q|"""
 
-    offline_steps: Steps = 500_000
+    offline_steps: flags.Steps = 500_000
     """TD3-BC gradient steps (paper: 500k); 0 skips pretraining"""
-    offline_checkpoint: CheckpointPath = None
+    offline_checkpoint: flags.CheckpointPath = None
     """path of a saved offline agent (`offline.npz`): skip pretraining"""
-    offline_eval_every: Count = 10_000
+    offline_eval_every: flags.Count = 10_000
     """offline gradient steps between evaluations"""
-    log_every: Count = 1_000
+    log_every: flags.Count = 1_000
     """offline steps compiled into one call and logged together; online steps between logs"""
 
     finetune: Literal["td3c", "td3", "td3_clip", "td3bc"] = "td3c"
     """the online policy update (td3_clip: TD3 with TD3-C's dQ/da clipping and no constraint)"""
-    online_steps: Steps = 200_000
+    online_steps: flags.Steps = 200_000
     """environment steps of fine-tuning, one update each (paper: 200k)"""
     offline_data: Literal["init", "none"] = "init"
     """initialise the online buffer with the offline data, or start it empty (Sec. 3.3)"""
-    offline_ratio: Fraction | None = None
+    offline_ratio: flags.Fraction | None = None
     """keep offline data apart and draw this fixed share of every batch from it (Appendix C.1)"""
-    buffer_size: Count = 1_000_000
+    buffer_size: flags.Count = 1_000_000
     """online replay capacity (FIFO)"""
-    min_replay: Steps = 1_000
+    min_replay: flags.Steps = 1_000
     """online samples before updates start when the buffer starts without offline data"""
-    epsilon: NonNegative = 1e-5
+    epsilon: flags.NonNegative = 1e-5
     """TD3-C trust-region size (Table B2)"""
     dual_update: Literal["adam", "sgd", "mpo"] = "adam"
     """how lambda_c learns: adam / sgd: projected steps on lambda >= 0; mpo: lambda =
     softplus(eta) + 1e-8 with Adam on eta (Acme's MPO duals); see the header"""
-    dual_lr: LearningRate = 1e-2
+    dual_lr: flags.LearningRate = 1e-2
     """step size of the dual update (not given in the paper; see the header)"""
-    init_dual: NonNegative = 0.0
+    init_dual: flags.NonNegative = 0.0
     """initial value of the dual variable lambda_c"""
     constraint_reduce: Literal["sum", "mean"] = "sum"
     """Eq. (4)'s (pi(s) - pi_targ(s))^2: summed or averaged over the action dimensions"""
-    dqda_clip: NonNegative = 1.0
+    dqda_clip: flags.NonNegative = 1.0
     """TD3-C: clip dQ/da elementwise to [-c, c] (Table B2 "clipping"); 0 disables"""
-    eval_every: Count = 5_000
+    eval_every: flags.Count = 5_000
     """online env steps between evaluations"""
-    eval_episodes: Count = 10
+    eval_episodes: flags.Count = 10
     """deterministic evaluation episodes"""
-    checkpoint_every: Count = 10_000
+    checkpoint_every: flags.Count = 10_000
     """steps (offline gradient steps, online env steps) between full checkpoints"""
-
-    run_dir: RunDir = None
-    """run directory (default runs/<env>__td3_c__<seed>__<time>)"""
-    resume: bool = False
-    """continue the run in --run-dir from its checkpoint"""
-    no_generate: bool = False
-    """fail instead of generating a missing dataset"""
-    stop_after: Steps | None = None
-    """exit (as if interrupted) after the checkpoint at this global step; for testing --resume"""
 
 
 # ================================================================================================
@@ -461,23 +430,8 @@ def make_env_step(args: Args, actor, critic, action_dim: int, ready_after: int):
 # ================================================================================================
 
 
-def check_args(args: Args) -> None:
-    """Every flag and path, before anything is created or compiled (one-line UsageError)."""
-    check_flags(args)
-    for name in ("offline_steps", "offline_eval_every", "online_steps", "eval_every"):
-        check_multiple(args, name, "log_every")
-    check_run_dir(args.run_dir, args.resume)
-    if args.resume:
-        check_same_config(args.run_dir, args)
-    if args.offline_checkpoint:
-        check_file(args.offline_checkpoint, "offline_checkpoint")
-    elif args.offline_steps:
-        warn_if_longer(args, "offline_eval_every", "offline_steps")
-    warn_if_longer(args, "eval_every", "online_steps")
-
-
 def main(args: Args) -> dict:
-    check_args(args)
+    lifecycle.check_args(args)
     data = load_d4rl(args.env, allow_generate=not args.no_generate)
     env_name = data.info.env
     offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
@@ -508,32 +462,19 @@ def main(args: Args) -> dict:
     def eval_metrics(params, seed):
         return evaluate(env_name, lambda o: deterministic(params, o), args.eval_episodes, seed)
 
-    run_dir = (
-        pathlib.Path(args.run_dir) if args.run_dir else make_run_dir(args.env, "td3_c", args.seed)
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, offline_path = run_dir / "checkpoint.npz", run_dir / "offline.npz"
-    progress = {"phase": "offline", "offline_step": 0}
-    resumed = args.resume and ckpt_path.exists()
-    if resumed:
-        progress = read_checkpoint_metadata(ckpt_path)
-    resume_step = (
-        progress["offline_step"]
-        if progress["phase"] == "offline"
-        else args.offline_steps + progress["env_steps"]
-    )
-    logger = Logger(run_dir, config=args, resume_step=resume_step if resumed else None)
+    run = lifecycle.open_run(args, "td3_c")
+    progress = run.progress
 
     # ---------------------------------------------------------------- offline: TD3-BC (Eq. 3)
     if args.offline_checkpoint:
         pass  # loaded above
-    elif resumed and progress["phase"] == "online":
-        loaded, _ = load_checkpoint(offline_path, agent(state))
+    elif run.offline_done:
+        loaded, _ = load_checkpoint(run.offline_path, agent(state))
         state = with_agent(state, loaded)
-        print(f"offline agent loaded from {offline_path}")
+        print(f"offline agent loaded from {run.offline_path}")
     elif args.offline_steps > 0:
-        if resumed:
-            state, progress = load_checkpoint(ckpt_path, state)
+        if run.resumed:
+            state, progress = load_checkpoint(run.checkpoint_path, state)
             print(f"resumed offline phase at step {progress['offline_step']}")
         offline_update = make_update(args, actor, critic, "td3bc")
 
@@ -548,25 +489,21 @@ def main(args: Args) -> dict:
             state, metrics = jax.lax.scan(body, state, None, length=args.log_every)
             return state, mean_over_steps(metrics)
 
-        bar = tqdm(
+        bar = lifecycle.progress_bar(
             range(progress["offline_step"], args.offline_steps, args.log_every),
             desc="offline TD3-BC", unit_scale=args.log_every,
-            mininterval=0.5 if sys.stderr.isatty() else 30.0,
         )  # fmt: skip
         for step in bar:
             state, metrics = offline_chunk(state, offline)
             step += args.log_every
-            logger.log(step, metrics, prefix="offline/")
+            run.logger.log(step, metrics, prefix="offline/")
             if step % args.offline_eval_every == 0 or step == args.offline_steps:
-                result = eval_metrics(state.actor.params, args.seed + step)
-                logger.log(step, result.metrics(), prefix="eval/")
-                bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+                run.log_eval(step, eval_metrics(state.actor.params, args.seed + step), bar)
             if step % args.checkpoint_every == 0 or step == args.offline_steps:
-                save_checkpoint(ckpt_path, state, {"phase": "offline", "offline_step": step})
-                if args.stop_after == step:
-                    raise SystemExit(f"stopped after offline step {step} (--stop-after)")
-        save_checkpoint(offline_path, agent(state), agent_metadata)
-    if not resumed or progress["phase"] == "offline":
+                progress = {"phase": "offline", "offline_step": step}
+                run.save(state, progress, step, args.stop_after, "offline step")
+        save_checkpoint(run.offline_path, agent(state), agent_metadata)
+    if not run.offline_done:
         progress = {"phase": "online", "env_steps": 0}
     before = eval_metrics(state.actor.params, args.seed + 10**6)
     print(f"after offline pretraining: normalized score {before.mean_normalized:.1f}")
@@ -584,8 +521,8 @@ def main(args: Args) -> dict:
     state = state.replace(buffer=buffer, key=online_state_key)
     env = OnlineEnv(env_name, args.seed)
     action = np.zeros(action_dim, np.float32)
-    if resumed and progress["env_steps"] > 0:
-        state, progress = load_checkpoint(ckpt_path, state)
+    if run.resumed and progress["env_steps"] > 0:
+        state, progress = load_checkpoint(run.checkpoint_path, state)
         env.load_state_dict(progress["env"])
         action = np.asarray(progress["action"], np.float32)
         print(f"resumed online phase at env step {progress['env_steps']}")
@@ -597,9 +534,9 @@ def main(args: Args) -> dict:
     ready_after = args.min_replay if separate else 0
     step_fn = make_env_step(args, actor, critic, action_dim, ready_after)
     start = progress["env_steps"]
-    bar = tqdm(
+    bar = lifecycle.progress_bar(
         range(start, args.online_steps), initial=start, total=args.online_steps,
-        desc=f"online {args.finetune}", mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        desc=f"online {args.finetune}",
     )  # fmt: skip
     window = []  # the metrics since the last log, still on the device
     for step in bar:
@@ -607,38 +544,26 @@ def main(args: Args) -> dict:
         global_step = args.offline_steps + env_steps
         transition, finished = env.step(action)
         if finished:
-            logger.log(global_step, finished, prefix="train/")
+            run.logger.log(global_step, finished, prefix="train/")
         state, action, metrics = step_fn(state, transition, jnp.asarray(env.obs), offline)
         action = np.asarray(action)
         window.append(metrics)
         if env_steps % args.log_every == 0:
-            means = mean_over_steps({k: jnp.stack([m[k] for m in window]) for k in window[0]})
-            logger.log(global_step, means, prefix="online/")
+            run.logger.log(
+                global_step, mean_over_steps(lifecycle.stack_metrics(window)), prefix="online/"
+            )
             window = []
         if env_steps % args.eval_every == 0:
             result = eval_metrics(state.actor.params, args.seed + env_steps)
-            logger.log(global_step, result.metrics(), prefix="eval/")
-            bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+            run.log_eval(global_step, result, bar)
         if env_steps % args.checkpoint_every == 0 or env_steps == args.online_steps:
             progress = {"phase": "online", "env_steps": env_steps, "env": env.state_dict(),
                         "action": action.tolist()}  # fmt: skip
-            save_checkpoint(ckpt_path, state, progress)
-            if args.stop_after == global_step:
-                raise SystemExit(f"stopped after global step {global_step} (--stop-after)")
+            run.save(state, progress, global_step, args.stop_after)
 
     after = eval_metrics(state.actor.params, args.seed + 2 * 10**6)
-    return finish_run(
-        logger, run_dir, args, before, after, dataset=data.info.minari_id, finetune=args.finetune
-    )
-
-
-def cli(argv: list[str] | None = None) -> dict:
-    """The command line: bad input ends with one line on stderr and exit status 1."""
-    try:
-        return main(tyro.cli(Args, args=argv))
-    except UsageError as err:
-        raise SystemExit(f"error: {err}") from None
+    return run.finish(args, before, after, dataset=data.info.minari_id, finetune=args.finetune)
 
 
 if __name__ == "__main__":
-    cli()
+    lifecycle.cli(main, Args)

@@ -27,7 +27,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from common.checkpoints import atomic_write_bytes, atomic_write_text, load_checkpoint  # noqa: E402
-from common.datasets import GYM_ENV_IDS, normalized_score  # noqa: E402
+from common.d4rl import GYM_ENV_IDS, normalized_score  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
 from common.networks import TanhGaussianPolicy, tanh_gaussian, tanh_gaussian_mode  # noqa: E402
 

@@ -41,7 +41,7 @@ from benchmarks.sweep import (
     load_suite,
     status,
 )
-from common.validation import ArgumentParser, Range, arg_type
+from common.flags import ArgumentParser, Range, arg_type
 
 SCORE = "eval/normalized_score"
 
@@ -153,7 +153,7 @@ def provenance(suite, budget, runs: list[dict], datasets: list[str], seeds: list
         return lines
     ids = sorted({r["dataset_id"] for r in runs if r["dataset_id"]})
     if ids:
-        from common.datasets import GENERATED_NAMESPACE  # imported here: it loads jax, gymnasium
+        from common.minari_io import GENERATED_NAMESPACE  # imported here: it loads gymnasium
 
         text = "Datasets loaded: " + ", ".join(f"`{i}`" for i in ids) + "."
         if any(i.startswith(f"{GENERATED_NAMESPACE}/") for i in ids):

@@ -45,7 +45,7 @@ from benchmarks.sweep import (
     load_suite,
     status,
 )
-from common.validation import ArgumentParser, Range, arg_type
+from common.flags import ArgumentParser, Range, arg_type
 
 _RUNNING: dict[str, subprocess.Popen] = {}  # local backend: job uid -> process
 
@@ -86,7 +86,9 @@ def prepare_datasets(jobs: list[Job], tiny_steps: int | None, root: pathlib.Path
     same one twice). Returns environment variables for the jobs."""
     names = sorted({job.dataset for job in jobs})
     if tiny_steps:
-        from common.datasets import GENERATED_NAMESPACE, make_tiny_dataset, parse_name
+        from common.d4rl import parse_name
+        from common.d4rl_recipe import make_tiny_dataset
+        from common.minari_io import GENERATED_NAMESPACE
 
         tiny_root = root / "tiny_datasets" / str(tiny_steps)
         for name in names:

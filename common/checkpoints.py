@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common.validation import UsageError
+from common.flags import UsageError
 
 _META_KEY = "__metadata__"
 

@@ -7,7 +7,7 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 
-from common.datasets import GYM_ENV_IDS
+from common.d4rl import GYM_ENV_IDS
 
 
 class OnlineEnv:

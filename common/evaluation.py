@@ -6,7 +6,7 @@ import dataclasses
 import gymnasium as gym
 import numpy as np
 
-from common.datasets import GYM_ENV_IDS, normalized_score
+from common.d4rl import GYM_ENV_IDS, normalized_score
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 from common.checkpoints import atomic_write_text
-from common.validation import UsageError, flag
+from common.flags import UsageError, flag
 
 
 def make_run_dir(env: str, algo: str, seed: int, root: str | pathlib.Path = "runs") -> pathlib.Path:

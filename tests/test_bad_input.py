@@ -2,9 +2,10 @@
 
 The cases are generated from each script's `Args` (every numeric flag's declared Range, every
 path flag's kind) and from the benchmark CLIs' argparse actions, so a new flag is covered by
-declaring it. Each case calls the script's `cli` in-process (a few ms before any compilation)
-and asserts: a non-zero exit whose message is one line naming the flag, no traceback, at most a
-few lines on stderr, and no new file anywhere under the working directory or the run directory.
+declaring it. Each case runs the script's command line in-process (`lifecycle.cli(main, Args,
+argv)`, a few ms before any compilation) and asserts: a non-zero exit whose message is one line
+naming the flag, no traceback, at most a few lines on stderr, and no new file anywhere under the
+working directory or the run directory.
 A few cases run as real processes to check the exit status and stderr a user sees."""
 
 import dataclasses
@@ -23,8 +24,9 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "algorithms"))
+from common import lifecycle  # noqa: E402
 from common.checkpoints import save_checkpoint  # noqa: E402
-from common.validation import (  # noqa: E402
+from common.flags import (  # noqa: E402
     PathFlag,
     Range,
     flag,
@@ -108,7 +110,7 @@ def expect_usage_error(script, argv, cwd: pathlib.Path, watched=()) -> str:
     before = {p: files_under(p) for p in watched}
     start = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
-        module(script).cli([*BASE[script], *argv])
+        lifecycle.cli(module(script).main, module(script).Args, [*BASE[script], *argv])
     elapsed = time.perf_counter() - start
     message = exit_info.value.code
     assert isinstance(message, str) and message.startswith("error: "), message
@@ -281,7 +283,7 @@ def test_warns_once_about_an_interval_longer_than_the_run(workdir, capsys):
         "td3_c", ["--eval-every", "5000", "--online-steps", "1000", "--batch-size", "0"], workdir
     )  # the range error stops it first: no warning for a run that does not start
     assert "warning" not in capsys.readouterr().err
-    from common.validation import warn_if_longer
+    from common.flags import warn_if_longer
 
     @dataclasses.dataclass
     class Run:
@@ -328,7 +330,7 @@ def test_benchmark_cli_out_of_range(cli, option, value, tmp_path, monkeypatch, c
 
 def test_benchmark_cli_bad_paths_and_names(tmp_path, monkeypatch, capsys):
     from benchmarks import report, run
-    from common import datasets
+    from common import dataset_cli
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("x")
@@ -339,11 +341,11 @@ def test_benchmark_cli_bad_paths_and_names(tmp_path, monkeypatch, capsys):
         (report.main, [*suite, "--root", ".", "--out", "a_file"], "--out a_file: is a file"),
         (run.main, ["nope", "--budget", "smoke", "--root", "."], "unknown suite 'nope'"),
         (
-            datasets.main,
+            dataset_cli.main,
             ["info", "hopper-medum-v2", "--no-download", "--no-generate"],
             "unknown dataset",
         ),
-        (datasets.main, ["verify", "hopper-medum-v2"], "unknown dataset"),
+        (dataset_cli.main, ["verify", "hopper-medum-v2"], "unknown dataset"),
     ]
     for main, argv, says in cases:
         try:

@@ -79,9 +79,9 @@ def test_missing_dataset_error_names_the_generate_command(tmp_path, monkeypatch)
     with pytest.raises(DatasetError, match="make datasets ENV=walker2d"):
         load_d4rl("walker2d-medium-replay-v2", allow_generate=False)
     # Generation allowed but impossible (no behaviour policy for this env): a clear error too.
-    from benchmarks import make_datasets
+    from common import d4rl_recipe  # the generator (was benchmarks/make_datasets.py, #19)
 
-    monkeypatch.setattr(make_datasets, "POLICY_DIR", tmp_path / "no-policies")
+    monkeypatch.setattr(d4rl_recipe, "POLICY_DIR", tmp_path / "no-policies")
     with pytest.raises(DatasetError, match="no behaviour policies for 'walker2d'"):
         load_d4rl("walker2d-medium-replay-v2")
     assert list(tmp_path.iterdir()) == []  # nothing half-written

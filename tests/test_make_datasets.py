@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from benchmarks import export_behaviour, make_datasets
-from common import datasets
+from common import d4rl_recipe, datasets
 from common.checkpoints import save_checkpoint
 from common.networks import TanhGaussianPolicy
 
@@ -74,7 +74,7 @@ def policy_dir(tmp_path_factory):
 def generated(policy_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("minari_gen")
     patch = pytest.MonkeyPatch()
-    patch.setattr(make_datasets, "POLICY_DIR", policy_dir)
+    patch.setattr(d4rl_recipe, "POLICY_DIR", policy_dir)  # the generator's home since #19
     summaries = {
         split: make_datasets.generate("hopper", split, 400, 4, 0, root, overwrite=False)
         for split in ("random", "medium", "expert", "medium-replay", "medium-expert")
@@ -136,7 +136,7 @@ def test_replay_export_splits_episodes_at_flags_and_restarts():
 
 def test_missing_dataset_is_generated_on_first_use(policy_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
-    monkeypatch.setattr(make_datasets, "POLICY_DIR", policy_dir)
+    monkeypatch.setattr(d4rl_recipe, "POLICY_DIR", policy_dir)
     monkeypatch.setattr(datasets, "AUTO_GENERATE_STEPS", 200)
     with pytest.raises(datasets.DatasetError, match="make datasets ENV=hopper"):
         datasets.load_d4rl("hopper-medium-v2", allow_generate=False)

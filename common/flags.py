@@ -1,7 +1,7 @@
 """Checking a run's flags before anything is created or compiled.
 
 Every numeric flag of an `Args` dataclass declares its range in its type, e.g.
-`batch_size: Count = 256`; `check_flags(args)` checks them all, so a new flag is covered by
+`batch_size: flags.Count = 256`; `check_ranges(args)` checks them all, so a new flag is covered by
 declaring its type. Anything else wrong with the input (an interval that does not divide the run,
 a missing file, a checkpoint of another algorithm) raises `UsageError` with one line that names
 the flag, the value, what is allowed and the fix; the scripts print it and exit 1, before they
@@ -139,7 +139,7 @@ def numeric_fields(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if numeric(hints[f.name])]
 
 
-def check_flags(args) -> None:
+def check_ranges(args) -> None:
     """Every numeric flag of `args` within its declared range (None where the type allows it;
     each element of a tuple, and at least one where the Range says so). Raises UsageError."""
     ranges = flag_ranges(type(args))

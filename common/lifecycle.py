@@ -1,0 +1,155 @@
+"""The run lifecycle the four offline-to-online files share, one small helper per step. The files
+keep their update functions and the order of their phases in view; these helpers only do the
+bookkeeping around them:
+
+    check_args(args)                            # every flag, path and --resume, before anything
+    run = open_run(args, "td3_c")               # run directory, resumed progress, logger
+    if run.offline_done: ...load run.offline_path...   else: ...offline phase...
+    run.log_eval(step, evaluate(...), bar)      # eval/* logged, the score on the progress bar
+    run.save(state, progress, step, args.stop_after, "offline step")  # checkpoint, --stop-after
+    run.finish(args, before, after, ...)        # final eval, summary.json, logger closed
+
+A run's progress (the metadata of its checkpoint) is {"phase": "offline", "offline_step": k} or
+{"phase": "online", "env_steps": k, ...}; one global step counts across both phases."""
+
+import dataclasses
+import pathlib
+import sys
+
+import jax.numpy as jnp
+import tyro
+from tqdm import tqdm
+
+from common import flags
+from common.checkpoints import read_checkpoint_metadata, save_checkpoint
+from common.flags import RunDir, Steps, UsageError, check_run_dir
+from common.logger import Logger, check_same_config, finish_run, make_run_dir
+
+
+@dataclasses.dataclass
+class RunFlags:
+    """The flags that say where a run goes and how it resumes, the same in every file."""
+
+    run_dir: RunDir = None
+    """run directory (default runs/<env>__<algorithm>__<seed>__<time>)"""
+    resume: bool = False
+    """continue the run in --run-dir from its checkpoint"""
+    no_generate: bool = False
+    """fail instead of generating a missing dataset"""
+    stop_after: Steps | None = None
+    """exit (as if interrupted) after the checkpoint at this global step; for testing --resume"""
+
+
+def check_args(
+    args,
+    online_unit: str = "log_every",
+    online_eval: str | None = "eval_every",
+    offline_intervals: tuple[str, ...] = (),
+) -> None:
+    """The checks of an offline-to-online file, before anything is created or compiled (one-line
+    UsageError): every numeric flag in its declared range; the offline phase's lengths multiples
+    of `log_every` and the online phase's of `online_unit` (phases run in compiled chunks); the
+    run directory flags; --offline-checkpoint a readable file. Warns once about an evaluation
+    interval (or one of `offline_intervals`) longer than its phase."""
+    flags.check_ranges(args)
+    for name in ("offline_steps", "offline_eval_every"):
+        flags.check_multiple(args, name, "log_every")
+    flags.check_multiple(args, "online_steps", online_unit)
+    if online_eval:
+        flags.check_multiple(args, online_eval, online_unit)
+    check_run_flags(args)
+    if args.offline_checkpoint:
+        flags.check_file(args.offline_checkpoint, "offline_checkpoint")
+    elif args.offline_steps:
+        for interval in ("offline_eval_every", *offline_intervals):
+            flags.warn_if_longer(args, interval, "offline_steps")
+    if online_eval:
+        flags.warn_if_longer(args, online_eval, "online_steps")
+
+
+def check_run_flags(args: RunFlags) -> None:
+    """--resume names an existing run started with the same flags; a new run's directory can be
+    created and holds no other run (UsageError otherwise)."""
+    check_run_dir(args.run_dir, args.resume)
+    if args.resume:
+        check_same_config(args.run_dir, args)
+
+
+@dataclasses.dataclass
+class Run:
+    dir: pathlib.Path
+    logger: Logger
+    progress: dict  # the resumed checkpoint's metadata, or the start of the offline phase
+    resumed: bool
+
+    @property
+    def checkpoint_path(self) -> pathlib.Path:
+        return self.dir / "checkpoint.npz"
+
+    @property
+    def offline_path(self) -> pathlib.Path:
+        """The pretrained agent, written once at the end of the offline phase."""
+        return self.dir / "offline.npz"
+
+    @property
+    def offline_done(self) -> bool:
+        """A resumed run past its offline phase: load `offline_path` instead of pretraining."""
+        return self.resumed and self.progress["phase"] == "online"
+
+    def log_eval(self, step: int, result, bar=None):
+        """Log an evaluation (an EvalResult) as eval/* at `step`; show its score on `bar`."""
+        self.logger.log(step, result.metrics(), prefix="eval/")
+        if bar is not None:
+            bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+        return result
+
+    def save(self, state, progress: dict, step: int, stop_after, label: str = "global step"):
+        """Checkpoint `state` with `progress` (atomically); exit as if interrupted when
+        --stop-after names this step."""
+        save_checkpoint(self.checkpoint_path, state, progress)
+        if stop_after == step:
+            raise SystemExit(f"stopped after {label} {step} (--stop-after)")
+
+    def finish(self, args, before, after, **fields) -> dict:
+        """The final evaluation logged, summary.json written, the logger closed."""
+        return finish_run(self.logger, self.dir, args, before, after, **fields)
+
+
+def open_run(args, algorithm: str) -> Run:
+    """The run directory (--run-dir, or a new runs/<env>__<algorithm>__<seed>__<time>), the
+    progress of a resumed run (its checkpoint's metadata) and a Logger that drops whatever was
+    logged after that checkpoint. Call it after every input has been checked."""
+    run_dir = (
+        pathlib.Path(args.run_dir) if args.run_dir else make_run_dir(args.env, algorithm, args.seed)
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress = {"phase": "offline", "offline_step": 0}
+    resumed = args.resume and (run_dir / "checkpoint.npz").exists()
+    if resumed:
+        progress = read_checkpoint_metadata(run_dir / "checkpoint.npz")
+    resume_step = (
+        progress["offline_step"]
+        if progress["phase"] == "offline"
+        else args.offline_steps + progress["env_steps"]
+    )
+    logger = Logger(run_dir, config=args, resume_step=resume_step if resumed else None)
+    return Run(run_dir, logger, progress, resumed)
+
+
+def progress_bar(iterable, **kwargs):
+    """tqdm that redraws twice a second on a terminal and every 30 s into a log file (nohup)."""
+    return tqdm(iterable, mininterval=0.5 if sys.stderr.isatty() else 30.0, **kwargs)
+
+
+def stack_metrics(window: list[dict]) -> dict:
+    """The metrics of the steps since the last log, stacked per key (still on the device)."""
+    return {k: jnp.stack([m[k] for m in window]) for k in window[0]}
+
+
+def cli(main, args_type, argv: list[str] | None = None):
+    """A script's command line: parse `args_type` with tyro and call `main`; bad input ends with
+    one line on stderr ('error: ...') and exit status 1."""
+    try:
+        return main(tyro.cli(args_type, args=argv))
+    except UsageError as err:
+        raise SystemExit(f"error: {err}") from None
