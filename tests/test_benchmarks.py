@@ -93,6 +93,12 @@ def test_pretraining_from_another_suite_shares_its_jobs_and_matches_its_flags(tm
             if job.variant == "pretrain":  # off2on's own job, same run dir and arguments
                 assert job.suite == "off2on_fig3" and theirs[job.uid] == job
                 continue
+            committed = bred.budget(budget).offline_checkpoint
+            if committed:  # no pretraining job: both suites fine-tune from the same file
+                assert committed == off2on.budget(budget).offline_checkpoint
+                assert job.after is None and job.argv[-1] == str(REPO / committed)
+                assert all(j.argv[-1] == str(REPO / committed) for j in theirs.values())
+                continue
             parent = theirs[job.after]
             assert job.argv[-1] == str(parent.run_dir / "offline.npz")
             # The flags that shape the checkpoint and the global step must agree.
