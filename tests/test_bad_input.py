@@ -300,10 +300,20 @@ def test_warns_once_about_an_interval_longer_than_the_run(workdir, capsys):
 # --- the benchmark and dataset CLIs (argparse) -------------------------------------------
 
 
-def cli_numeric_cases():
-    from benchmarks import report, run
+def cli_modules() -> dict:
+    from benchmarks import demo, report, run
 
-    for name, mod in (("run", run), ("report", report)):
+    return {"run": run, "report": report, "demo": demo}
+
+
+def cli_base(cli: str, root) -> list[str]:
+    if cli == "demo":
+        return ["--root", str(root / "demo")]
+    return ["td3c_dual", "--budget", "smoke", "--root", str(root)]
+
+
+def cli_numeric_cases():
+    for name, mod in cli_modules().items():
         for action in mod.make_parser()._actions:
             allowed = getattr(action.type, "range", None)
             assert action.type not in (int, float), f"{name} {action.option_strings}: no Range"
@@ -315,13 +325,9 @@ def cli_numeric_cases():
 
 @pytest.mark.parametrize(("cli", "option", "value"), list(cli_numeric_cases()))
 def test_benchmark_cli_out_of_range(cli, option, value, tmp_path, monkeypatch, capsys):
-    from benchmarks import report, run
-
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        {"run": run, "report": report}[cli].main(
-            ["td3c_dual", "--budget", "smoke", "--root", str(tmp_path), option, value]
-        )
+        cli_modules()[cli].main([*cli_base(cli, tmp_path), option, value])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: argument {option}: {value}"), err
