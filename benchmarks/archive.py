@@ -1,0 +1,151 @@
+"""Keep a sweep's finished runs in the repository, so hours of compute outlive the machine.
+
+    python -m benchmarks.archive save td3c_dual --budget cpu      # runs/bench -> benchmarks/logs
+    python -m benchmarks.archive restore td3c_dual --budget cpu   # benchmarks/logs -> runs/bench
+
+`runs/` is git-ignored and a session's machine is not always handed to the next one, so a
+sweep that spans sessions would lose its finished runs with the machine. `save` copies each
+*finished* job (its `summary.json` written) of the suite's budget into `benchmarks/logs/` with
+the same layout as the runs root (`<suite>/<budget>/<dataset>/seed<k>/<variant>/`): the text
+files the report reads (`config.json`, `metrics.jsonl`, `summary.json`, `job.json`, small) and,
+for a pretraining job, the `offline.npz` that the fine-tuning jobs load (parameters and optimizer
+state of one agent: about a megabyte). Checkpoints of unfinished runs and tensorboard events are
+not kept. `restore` copies them back under `--root`, where `benchmarks.run` then counts them as
+finished and runs only what is left. The report reads either tree:
+`python -m benchmarks.report SUITE --budget B --root benchmarks/logs`.
+
+Files are written atomically (a copy to a temporary name, then a rename), and `restore` never
+overwrites a file that differs from the archived one (the run there is another attempt: say so
+and stop).
+"""
+
+import filecmp
+import json
+import os
+import pathlib
+import shutil
+import sys
+
+from benchmarks.sweep import BUDGETS, DEFAULT_ROOT, REPO, SweepError, expand, load_suite, status
+from common.flags import ArgumentParser
+
+ARCHIVE_ROOT = REPO / "benchmarks" / "logs"
+KEPT = ("config.json", "metrics.jsonl", "summary.json", "job.json")  # every finished job
+KEPT_PRETRAIN = ("offline.npz",)  # what the fine-tuning jobs of a pretraining job load
+
+
+def _copy(src: pathlib.Path, dst: pathlib.Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def kept_files(job) -> tuple[str, ...]:
+    return KEPT + (KEPT_PRETRAIN if job.variant == "pretrain" else ())
+
+
+# job.json records the job's command line, whose paths (a pretraining job's offline.npz under the
+# runs root, a committed checkpoint in the repository) are absolute; the archive stores them with
+# these placeholders so a restore into another checkout or root records that checkout's paths
+# (benchmarks.run refuses a run directory whose job.json holds another command line).
+ROOT_TOKEN, REPO_TOKEN = "{root}", "{repo}"
+
+
+def _portable_job_record(text: str, root: pathlib.Path) -> str:
+    record = json.loads(text)
+    record["argv"] = [
+        a.replace(str(root), ROOT_TOKEN).replace(str(REPO), REPO_TOKEN) for a in record["argv"]
+    ]
+    return json.dumps(record, indent=2) + "\n"
+
+
+def _local_job_record(text: str, root: pathlib.Path) -> str:
+    record = json.loads(text)
+    record["argv"] = [
+        a.replace(ROOT_TOKEN, str(root)).replace(REPO_TOKEN, str(REPO)) for a in record["argv"]
+    ]
+    return json.dumps(record, indent=2) + "\n"
+
+
+def _write(dst: pathlib.Path, text: str) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, dst)
+
+
+def save(suite_name: str, budget_name: str, root: pathlib.Path, archive: pathlib.Path) -> list:
+    """Copy the finished jobs of one sweep from `root` into `archive`; returns their keys."""
+    suite = load_suite(suite_name)
+    saved = []
+    for job in expand(suite, suite.budget(budget_name), root):
+        if status(job) != "finished":
+            continue
+        target = archive / job.run_dir.relative_to(root)
+        for name in kept_files(job):
+            src = job.run_dir / name
+            if name == "job.json" and src.exists():
+                _write(target / name, _portable_job_record(src.read_text(), root))
+            elif src.exists():
+                _copy(src, target / name)
+        saved.append(job.key)
+    return saved
+
+
+def restore(suite_name: str, budget_name: str, root: pathlib.Path, archive: pathlib.Path) -> list:
+    """Copy the archived jobs of one sweep back under `root`; returns their keys. Raises
+    SweepError (before copying anything) where `root` holds a different file of the same run."""
+    suite = load_suite(suite_name)
+    jobs = [j for j in expand(suite, suite.budget(budget_name), archive) if status(j) == "finished"]
+    pairs, records = [], []
+    for job in jobs:
+        for name in kept_files(job):
+            src = job.run_dir / name
+            if not src.exists():
+                continue
+            dst = root / job.run_dir.relative_to(archive) / name
+            if name == "job.json":
+                text = _local_job_record(src.read_text(), root)
+                same = dst.exists() and dst.read_text() == text
+                records.append((text, dst))
+            else:
+                same = dst.exists() and filecmp.cmp(src, dst, shallow=False)
+                pairs.append((src, dst))
+            if dst.exists() and not same:
+                raise SweepError(
+                    f"{dst} differs from the archived {src}: it belongs to another attempt of "
+                    f"{job.key}; move it away or pass another --root"
+                )
+    for src, dst in pairs:
+        _copy(src, dst)
+    for text, dst in records:
+        _write(dst, text)
+    return [job.key for job in jobs]
+
+
+def main(argv=None) -> int:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["save", "restore"])
+    parser.add_argument("suite", help="a suite name (benchmarks/suites/<name>.toml)")
+    parser.add_argument("--budget", choices=BUDGETS, required=True)
+    parser.add_argument("--root", type=pathlib.Path, default=DEFAULT_ROOT, help="runs root")
+    parser.add_argument("--archive", type=pathlib.Path, default=ARCHIVE_ROOT)
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "save":
+            keys = save(args.suite, args.budget, args.root, args.archive)
+            where = args.archive
+        else:
+            keys = restore(args.suite, args.budget, args.root, args.archive)
+            where = args.root
+    except SweepError as err:
+        parser.error(str(err))
+    print(f"{args.action}: {len(keys)} finished runs of {args.suite}/{args.budget} -> {where}")
+    for key in keys:
+        print(f"  {key}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
