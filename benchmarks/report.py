@@ -241,8 +241,12 @@ def plot_diagnostics(runs: list[dict], suite, out: pathlib.Path) -> list[str]:
         here = [r for r in runs if r["dataset"] == dataset]
         if not here or not keys:
             continue
-        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
-        for ax, key in zip(axes[0], keys, strict=True):
+        cols = min(len(keys), 4)  # at most 4 panels a row
+        rows = -(-len(keys) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+        for ax in axes.flat[len(keys) :]:
+            ax.set_visible(False)
+        for ax, key in zip(axes.flat, keys, strict=False):
             plotted = []
             for i, variant in enumerate(suite.variants):
                 traces = [r["traces"][key] for r in here if r["variant"] == variant.name]
@@ -263,6 +267,12 @@ def plot_diagnostics(runs: list[dict], suite, out: pathlib.Path) -> list[str]:
         plt.close(fig)
         written.append(path.name)
     return written
+
+
+def significant(value: float, digits: int = 6) -> float:
+    """`value` to `digits` significant digits: diagnostics span decades (TD3-C's constraint is
+    ~1e-5, its dual ~1e3), so a fixed number of decimals would erase the small ones."""
+    return float(f"{value:.{digits}g}")
 
 
 def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
@@ -358,7 +368,7 @@ def report(
             out / "diagnostics.csv",
             [
                 {"variant": r["variant"], "dataset": r["dataset"], "seed": r["seed"],
-                 "online_step": step, "metric": key, "value": round(value, 5)}
+                 "online_step": step, "metric": key, "value": significant(value)}
                 for r in runs
                 for key, trace in r["traces"].items()
                 for step, value in trace
