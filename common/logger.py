@@ -22,7 +22,9 @@ def make_run_dir(env: str, algo: str, seed: int, root: str | pathlib.Path = "run
 
 
 # Flags that say where and how a run goes, not what it computes: they may change on --resume.
-RUN_FLAGS = ("run_dir", "resume", "stop_after", "no_generate")
+# (`checkpoint_every` only decides when the state is written, never what is computed, so a long
+# run can be resumed with a shorter interval to lose less work when the machine is taken away.)
+RUN_FLAGS = ("run_dir", "resume", "stop_after", "no_generate", "checkpoint_every")
 
 
 def check_same_config(run_dir: str | pathlib.Path, args, ignore=RUN_FLAGS) -> None:

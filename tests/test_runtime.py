@@ -17,7 +17,14 @@ import pytest
 from common.buffers import PrioritizedBuffer
 from common.checkpoints import load_checkpoint, save_checkpoint
 from common.evaluation import evaluate
-from common.logger import Logger, finish_run, make_run_dir, read_metrics
+from common.logger import (
+    RUN_FLAGS,
+    Logger,
+    check_same_config,
+    finish_run,
+    make_run_dir,
+    read_metrics,
+)
 from common.networks import DeterministicActor
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -107,6 +114,28 @@ def test_logger_writes_config_jsonl_and_truncates_on_resume(tmp_path):
     logger.close()
     rows = read_metrics(run_dir)
     assert [(r["step"], r["offline/loss"]) for r in rows] == [(10, 1.0), (20, 2.0), (30, 9.0)]
+
+
+def test_resume_accepts_other_run_flags_and_rejects_other_settings(tmp_path):
+    """--resume compares the run's config.json with the flags: the ones that only say where the
+    run goes and when it checkpoints (every RunFlags field, --checkpoint-every) may change; any
+    other may not."""
+    import dataclasses
+
+    from common.flags import UsageError
+    from common.lifecycle import RunFlags
+
+    assert {f.name for f in dataclasses.fields(RunFlags)} <= set(RUN_FLAGS)
+
+    @dataclasses.dataclass
+    class Args(RunFlags):
+        seed: int = 0
+        checkpoint_every: int = 10_000
+
+    Logger(tmp_path, config=Args(run_dir=str(tmp_path))).close()
+    check_same_config(tmp_path, Args(run_dir="elsewhere", resume=True, checkpoint_every=2_000))
+    with pytest.raises(UsageError, match="was started with --seed 0, not 3"):
+        check_same_config(tmp_path, Args(seed=3))
 
 
 def test_finish_run_logs_the_final_evaluation_and_writes_the_summary_the_report_reads(
