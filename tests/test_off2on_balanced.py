@@ -588,3 +588,35 @@ def test_offline_checkpoint_skips_pretraining(tiny_root, tmp_path):
     assert not any(k.startswith("offline/") for r in rows for k in r)
     online = [r for r in rows if "online/offline_fraction" in r]
     assert online[0]["online/offline_fraction"] == 0.0  # online-only never samples offline data
+
+
+def test_offline_phase_in_progress_chunks_equals_one_scan_per_log_window():
+    """The offline phase runs in chunks of gcd(log_every, PROGRESS_CHUNK) steps so the progress
+    bar moves every few seconds: the same updates as one scan of `log_every` steps (the members
+    and the key agree), and each logged value is the mean over the whole window."""
+    args = o2o.Args(ensemble_size=2, hidden_dims=(8, 8), batch_size=4, cql_n_actions=2,
+                    bc_steps=3, log_every=8)  # fmt: skip
+    actor, critic = o2o.TanhGaussianPolicy(2, (8, 8)), o2o.Critic((8, 8))
+    update = o2o.make_cql_update(args, actor, critic, 2)
+    rng = np.random.default_rng(0)
+    data = {
+        "observations": rng.normal(size=(16, 3)), "actions": rng.uniform(-0.9, 0.9, (16, 2)),
+        "rewards": rng.normal(size=16), "next_observations": rng.normal(size=(16, 3)),
+        "terminals": np.zeros(16),
+    }  # fmt: skip
+    data = {k: jnp.asarray(v, jnp.float32) for k, v in data.items()}
+    fresh = lambda: o2o.create_cql_members(args, actor, critic, 3, 2, jax.random.PRNGKey(0))  # noqa: E731
+    whole, whole_key, whole_metrics = o2o.make_offline_chunk(args, update)(
+        fresh(), data, jax.random.PRNGKey(1), jnp.int32(0)
+    )
+    piece = o2o.make_offline_chunk(args, update, 2)
+    members, key, means = fresh(), jax.random.PRNGKey(1), []
+    for start in range(0, 8, 2):
+        members, key, metrics = piece(members, data, key, jnp.int32(start))
+        means.append(metrics)
+    np.testing.assert_array_equal(np.asarray(key), np.asarray(whole_key))
+    for a, b in zip(jax.tree_util.tree_leaves(members), jax.tree_util.tree_leaves(whole),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    for name, value in whole_metrics.items():
+        assert float(value) == pytest.approx(np.mean([float(m[name]) for m in means]), rel=1e-5)
