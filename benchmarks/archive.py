@@ -14,6 +14,11 @@ not kept. `restore` copies them back under `--root`, where `benchmarks.run` then
 finished and runs only what is left. The report reads either tree:
 `python -m benchmarks.report SUITE --budget B --root benchmarks/logs`.
 
+With `save --interrupted`, a job that is not finished but has a checkpoint is kept too (its
+config, metrics, job record, latest `checkpoint.npz` and any `offline.npz`: about a megabyte
+for one TD3-BC or SAC+ML agent), and `restore` brings it back, so `benchmarks.run` resumes it
+where the last save left it; its checkpoint is dropped from the archive once it finishes.
+
 Files are written atomically (a copy to a temporary name, then a rename), and `restore` never
 overwrites a file that differs from the archived one (the run there is another attempt: say so
 and stop).
@@ -41,7 +46,14 @@ def _copy(src: pathlib.Path, dst: pathlib.Path) -> None:
     os.replace(tmp, dst)
 
 
+# An interrupted job (with --interrupted): what `benchmarks.run` needs to resume it, i.e. its
+# latest checkpoint and, where its own offline phase is done, offline.npz.
+KEPT_INTERRUPTED = ("config.json", "metrics.jsonl", "job.json", "checkpoint.npz", "offline.npz")
+
+
 def kept_files(job) -> tuple[str, ...]:
+    if status(job) == "interrupted":
+        return KEPT_INTERRUPTED
     return KEPT + (KEPT_PRETRAIN if job.variant == "pretrain" else ())
 
 
@@ -75,14 +87,24 @@ def _write(dst: pathlib.Path, text: str) -> None:
     os.replace(tmp, dst)
 
 
-def save(suite_name: str, budget_name: str, root: pathlib.Path, archive: pathlib.Path) -> list:
-    """Copy the finished jobs of one sweep from `root` into `archive`; returns their keys."""
+def save(
+    suite_name: str,
+    budget_name: str,
+    root: pathlib.Path,
+    archive: pathlib.Path,
+    interrupted: bool = False,
+) -> list:
+    """Copy the finished jobs of one sweep (and with `interrupted` those with a checkpoint) from
+    `root` into `archive`; returns their keys."""
     suite = load_suite(suite_name)
     saved = []
     for job in expand(suite, suite.budget(budget_name), root):
-        if status(job) != "finished":
+        state = status(job)
+        if state == "new" or (state == "interrupted" and not interrupted):
             continue
         target = archive / job.run_dir.relative_to(root)
+        if state == "finished" and (target / "checkpoint.npz").exists():
+            (target / "checkpoint.npz").unlink()  # archived while interrupted; now finished
         for name in kept_files(job):
             src = job.run_dir / name
             if name == "job.json" and src.exists():
@@ -94,10 +116,11 @@ def save(suite_name: str, budget_name: str, root: pathlib.Path, archive: pathlib
 
 
 def restore(suite_name: str, budget_name: str, root: pathlib.Path, archive: pathlib.Path) -> list:
-    """Copy the archived jobs of one sweep back under `root`; returns their keys. Raises
-    SweepError (before copying anything) where `root` holds a different file of the same run."""
+    """Copy the archived jobs of one sweep (finished, or interrupted with their checkpoint) back
+    under `root`; returns their keys. Raises SweepError (before copying anything) where `root`
+    holds a different file of the same run."""
     suite = load_suite(suite_name)
-    jobs = [j for j in expand(suite, suite.budget(budget_name), archive) if status(j) == "finished"]
+    jobs = [j for j in expand(suite, suite.budget(budget_name), archive) if status(j) != "new"]
     pairs, records = [], []
     for job in jobs:
         for name in kept_files(job):
@@ -131,17 +154,23 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", choices=BUDGETS, required=True)
     parser.add_argument("--root", type=pathlib.Path, default=DEFAULT_ROOT, help="runs root")
     parser.add_argument("--archive", type=pathlib.Path, default=ARCHIVE_ROOT)
+    parser.add_argument(
+        "--interrupted",
+        action="store_true",
+        help="save: also the jobs that are not finished but have a checkpoint (their latest "
+        "checkpoint.npz), so a fresh machine resumes them instead of starting over",
+    )
     args = parser.parse_args(argv)
     try:
         if args.action == "save":
-            keys = save(args.suite, args.budget, args.root, args.archive)
+            keys = save(args.suite, args.budget, args.root, args.archive, args.interrupted)
             where = args.archive
         else:
             keys = restore(args.suite, args.budget, args.root, args.archive)
             where = args.root
     except SweepError as err:
         parser.error(str(err))
-    print(f"{args.action}: {len(keys)} finished runs of {args.suite}/{args.budget} -> {where}")
+    print(f"{args.action}: {len(keys)} runs of {args.suite}/{args.budget} -> {where}")
     for key in keys:
         print(f"  {key}")
     return 0

@@ -466,6 +466,25 @@ def test_archive_keeps_finished_runs_and_restores_them_into_another_root(tmp_pat
         archive.restore(suite, "cpu", elsewhere, store)
     assert not (there[1].run_dir / "summary.json").exists()  # nothing copied before the error
 
+    # --interrupted: the unfinished job's checkpoint too, so a fresh root resumes it; once it
+    # finishes, the next save drops its archived checkpoint.
+    (unfinished.run_dir / "config.json").write_text("{}")
+    (unfinished.run_dir / "job.json").write_text(json.dumps({"argv": list(unfinished.argv)}))
+    interrupted_store, third = tmp_path / "logs2", tmp_path / "c"
+    assert (
+        archive.save(suite, "cpu", root, interrupted_store, interrupted=True)[-1] == unfinished.key
+    )
+    kept = interrupted_store / unfinished.run_dir.relative_to(root)
+    assert sorted(p.name for p in kept.iterdir()) == ["checkpoint.npz", "config.json", "job.json"]
+    archive.restore(suite, "cpu", third, interrupted_store)
+    resumed = sweep.expand(sweep.load_suite(suite), sweep.load_suite(suite).budget("cpu"), third)
+    assert sweep.status(resumed[3]) == "interrupted"
+    assert (resumed[3].run_dir / "checkpoint.npz").read_bytes() == b"half"
+    (unfinished.run_dir / "summary.json").write_text("{}")
+    (unfinished.run_dir / "metrics.jsonl").write_text("")
+    archive.save(suite, "cpu", root, interrupted_store, interrupted=True)
+    assert not (kept / "checkpoint.npz").exists() and (kept / "summary.json").exists()
+
 
 def test_dual_study_row_from_a_runs_metrics(tmp_path):
     """benchmarks.dual_study reads lambda, the constraint and the policy movement at full
