@@ -9,15 +9,17 @@ sweep that spans sessions would lose its finished runs with the machine. `save` 
 the same layout as the runs root (`<suite>/<budget>/<dataset>/seed<k>/<variant>/`): the text
 files the report reads (`config.json`, `metrics.jsonl`, `summary.json`, `job.json`, small) and,
 for a pretraining job, the `offline.npz` that the fine-tuning jobs load (parameters and optimizer
-state of one agent: about a megabyte). Checkpoints of unfinished runs and tensorboard events are
+state of one agent: 3.3 MB for TD3-BC). Checkpoints of unfinished runs and tensorboard events are
 not kept. `restore` copies them back under `--root`, where `benchmarks.run` then counts them as
 finished and runs only what is left. The report reads either tree:
 `python -m benchmarks.report SUITE --budget B --root benchmarks/logs`.
 
-With `save --interrupted`, a job that is not finished but has a checkpoint is kept too (its
-config, metrics, job record, latest `checkpoint.npz` and any `offline.npz`: about a megabyte
-for one TD3-BC or SAC+ML agent), and `restore` brings it back, so `benchmarks.run` resumes it
-where the last save left it; its checkpoint is dropped from the archive once it finishes.
+With `save --interrupted`, a job that is not finished but has a checkpoint of at most 16 MB is
+kept too (its config, metrics, job record, latest `checkpoint.npz` and any `offline.npz`: a
+pretraining job in its offline phase, 3.3 MB for TD3-BC), and `restore` brings it back, so
+`benchmarks.run` resumes it where the last save left it; its checkpoint is dropped from the
+archive once it finishes. A fine-tuning job's checkpoint holds its replay buffer (about 110 MB
+with hopper's offline data in it) and is not kept: that job starts over on a fresh machine.
 
 Files are written atomically (a copy to a temporary name, then a rename), and `restore` never
 overwrites a file that differs from the archived one (the run there is another attempt: say so
@@ -48,6 +50,7 @@ def _copy(src: pathlib.Path, dst: pathlib.Path) -> None:
 
 # An interrupted job (with --interrupted): what `benchmarks.run` needs to resume it, i.e. its
 # latest checkpoint and, where its own offline phase is done, offline.npz.
+MAX_CHECKPOINT_BYTES = 16 * 2**20  # a pretraining's agent (TD3-BC: 3.3 MB), not a replay buffer
 KEPT_INTERRUPTED = ("config.json", "metrics.jsonl", "job.json", "checkpoint.npz", "offline.npz")
 
 
@@ -102,6 +105,12 @@ def save(
         state = status(job)
         if state == "new" or (state == "interrupted" and not interrupted):
             continue
+        if state == "interrupted":
+            size = (job.run_dir / "checkpoint.npz").stat().st_size
+            if size > MAX_CHECKPOINT_BYTES:  # a fine-tuning checkpoint holds its replay buffer
+                print(f"  not kept: {job.key} (its checkpoint is {size / 2**20:.0f} MB: it holds "
+                      f"the replay buffer; the job starts over on a fresh machine)")  # fmt: skip
+                continue
         target = archive / job.run_dir.relative_to(root)
         if state == "finished" and (target / "checkpoint.npz").exists():
             (target / "checkpoint.npz").unlink()  # archived while interrupted; now finished

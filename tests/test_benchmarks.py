@@ -484,6 +484,12 @@ def test_archive_keeps_finished_runs_and_restores_them_into_another_root(tmp_pat
     (unfinished.run_dir / "metrics.jsonl").write_text("")
     archive.save(suite, "cpu", root, interrupted_store, interrupted=True)
     assert not (kept / "checkpoint.npz").exists() and (kept / "summary.json").exists()
+    # a fine-tuning checkpoint (it holds the replay buffer) is too large to commit: not kept
+    big = jobs[4]
+    big.run_dir.mkdir(parents=True)
+    (big.run_dir / "checkpoint.npz").write_bytes(b"\0" * (archive.MAX_CHECKPOINT_BYTES + 1))
+    assert big.key not in archive.save(suite, "cpu", root, interrupted_store, interrupted=True)
+    assert not (interrupted_store / big.run_dir.relative_to(root)).exists()
 
 
 def test_dual_study_row_from_a_runs_metrics(tmp_path):
