@@ -23,16 +23,22 @@ Choices where the paper is silent (flags, documented defaults):
   the standard Lagrangian sign (penalising (a - pi')^2 above epsilon) is implemented.
 - The dual update is unknown: the paper (Sec. 3.4) calls the formulation "MPO-like" and
   optimises primal and dual "jointly by stochastic gradient descent". Three readings are flags:
-  `--dual-update adam` (default; projected Adam steps on lambda >= 0, lambda starts at
-  `--init-dual` 0), `sgd` (projected plain SGD steps: lambda moves in proportion to the
-  violation) and `mpo` (lambda = softplus(eta) + 1e-8, Adam on eta, as Acme's MPO keeps its
-  duals); `--constraint-reduce` sums (default) or averages (pi - pi_targ)^2 over the action
-  dimensions. With Adam, lambda rises by about dual-lr per step for as long as the constraint
-  is violated; with epsilon = 1e-5 and the sum it nearly always was (the actor's own Adam steps
-  kept E[(pi - pi_targ)^2] at ~1.5e-4 at lambda = 555 and 2e-5 at lambda = 4e4), so the dual
-  never settled and dual-lr set how fast the trust region closes (hopper-medium-v2, seed 0,
-  `benchmarks/results/td3c_dual_lr/`: 1.0 froze the policy, 1e-2 and 1e-3 improved to ~102).
-  The study of the readings is the suite `td3c_dual` (benchmarks/suites/td3c_dual.toml).
+  `--dual-update sgd` (default; projected plain SGD on lambda >= 0 from `--init-dual` 0, so
+  lambda moves in proportion to the violation, `--dual-lr` 1e3), `adam` (projected Adam steps
+  on lambda, lr 1e-2: the default until the study below) and `mpo` (lambda = softplus(eta) +
+  1e-8, Adam on eta, lr 1e-2, as Acme's MPO keeps its duals); `--constraint-reduce` averages
+  (default) or sums (pi - pi_targ)^2 over the action dimensions. The study (suite `td3c_dual`,
+  hopper-medium-expert-v2, which no report uses, 3 fine-tuning seeds, 100k online steps;
+  `benchmarks/results/td3c_dual/`) found that *no* reading makes lambda a multiplier that
+  settles: with epsilon = 1e-5 the constraint stays at about half of one actor step's own
+  movement (the actor's Adam normalises its step, and pi_targ trails pi by about that step),
+  3-12 epsilon at every lambda, so lambda integrates the violation for the whole run. What the
+  readings change is how fast lambda gets large: Adam on lambda and MPO's softplus start near 0
+  and leave the first 10-50k steps nearly unconstrained, and they collapsed there on every
+  seed (lowest 16-32); plain SGD reaches lambda ~ 400 within 10k steps, holds the constraint
+  at ~3 epsilon from the start and never fell below 83 (seeds 0-2: 83.3, 92.6, 87.7). So the
+  default is `sgd` + `mean`, read as "a penalty that tightens with the accumulated violation",
+  not an equality-seeking dual.
 - Target networks as in Acme's TD3 (the authors' base): the target critics take a Polyak step
   every update, the target actor on actor steps only (the TD3 authors delay both). The actor
   step uses the critics after this step's critic update (TD3 and TD3-BC; Acme: before).
@@ -134,14 +140,15 @@ class Args(lifecycle.RunFlags):
     """online samples before updates start when the buffer starts without offline data"""
     epsilon: flags.NonNegative = 1e-5
     """TD3-C trust-region size (Table B2)"""
-    dual_update: Literal["adam", "sgd", "mpo"] = "adam"
-    """how lambda_c learns: adam / sgd: projected steps on lambda >= 0; mpo: lambda =
+    dual_update: Literal["sgd", "adam", "mpo"] = "sgd"
+    """how lambda_c learns: sgd / adam: projected steps on lambda >= 0; mpo: lambda =
     softplus(eta) + 1e-8 with Adam on eta (Acme's MPO duals); see the header"""
-    dual_lr: flags.LearningRate = 1e-2
-    """step size of the dual update (not given in the paper; see the header)"""
+    dual_lr: flags.LearningRate | None = None
+    """step size of the dual update (not given in the paper); default 1e3 for sgd, 1e-2 for
+    adam and mpo (see the header)"""
     init_dual: flags.NonNegative = 0.0
     """initial value of the dual variable lambda_c"""
-    constraint_reduce: Literal["sum", "mean"] = "sum"
+    constraint_reduce: Literal["sum", "mean"] = "mean"
     """Eq. (4)'s (pi(s) - pi_targ(s))^2: summed or averaged over the action dimensions"""
     dqda_clip: flags.NonNegative = 1.0
     """TD3-C: clip dQ/da elementwise to [-c, c] (Table B2 "clipping"); 0 disables"""
@@ -198,7 +205,7 @@ def create_state(args, actor, critic, obs_dim, action_dim, key, buffer) -> TD3St
         dual=TrainState.create(
             apply_fn=None,
             params={"v": jnp.float32(initial_dual_param(args.init_dual, args.dual_update))},
-            tx=optax.sgd(args.dual_lr) if args.dual_update == "sgd" else optax.adam(args.dual_lr),
+            tx=dual_optimizer(args.dual_update, args.dual_lr),
         ),
         buffer=buffer,
         key=state_key,
@@ -239,6 +246,19 @@ def trust_region_constraint(pi_actions, target_actions, reduce: str = "sum"):
 
 MPO_DUAL_FLOOR = 1e-8  # Acme's MPO keeps each dual at softplus(param) + this constant
 
+# `--dual-lr`'s default per `--dual-update`. Plain SGD moves lambda by lr * (c - epsilon): with
+# the mean over action dimensions, the clipped dQ/da (at most 1 per dimension) balances the
+# penalty's gradient 2 lambda |pi - pi_targ| / |A| at c = epsilon when lambda ~ |A| / (2
+# sqrt(epsilon)) ~ 500 (hopper), which 1e3 reaches within a few thousand actor steps (the
+# td3c_dual study: ~400 by 10k steps). Adam's steps are ~lr whatever the violation, so 1e-2.
+DEFAULT_DUAL_LR = {"sgd": 1e3, "adam": 1e-2, "mpo": 1e-2}
+
+
+def dual_optimizer(dual_update: str, dual_lr: float | None):
+    """The dual's optimizer: plain SGD for `sgd`, Adam on lambda (adam) or on eta (mpo)."""
+    lr = DEFAULT_DUAL_LR[dual_update] if dual_lr is None else dual_lr
+    return optax.sgd(lr) if dual_update == "sgd" else optax.adam(lr)
+
 
 def dual_value(dual_params, dual_update: str):
     """lambda_c from the dual's parameter: itself (adam, sgd) or softplus(eta) + 1e-8 (mpo)."""
@@ -254,7 +274,7 @@ def initial_dual_param(init_dual: float, dual_update: str) -> float:
     return init_dual
 
 
-def dual_step(dual: TrainState, constraint, epsilon, dual_update: str = "adam"):
+def dual_step(dual: TrainState, constraint, epsilon, dual_update: str = "sgd"):
     """One gradient step on the dual's parameter for L = lambda_c (epsilon - c), which raises
     lambda_c while the constraint c exceeds epsilon and lowers it while c < epsilon. adam / sgd
     step on lambda_c itself and project onto lambda_c >= 0 (so it returns to exactly 0 when the

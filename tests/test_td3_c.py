@@ -70,18 +70,46 @@ def test_dual_steps_match_each_reading():
 
 
 def test_projected_dual_grows_when_violated_and_decays_to_zero_when_slack():
-    args = td3_c.Args(dual_lr=0.1)
+    args = td3_c.Args(dual_lr=0.1, dual_update="adam")
     actor, critic = td3_c.make_networks(args, 3)
     state = td3_c.create_state(args, actor, critic, 11, 3, jax.random.PRNGKey(0), None)
     dual, eps, values = state.dual, 1e-5, []
     for _ in range(50):  # violated: the constraint is twice the trust region
-        dual = td3_c.dual_step(dual, 2 * eps, eps)
+        dual = td3_c.dual_step(dual, 2 * eps, eps, "adam")
         values.append(float(dual.params["v"]))
     assert all(b > a for a, b in zip(values, values[1:], strict=False)) and values[-1] > 1.0
     for _ in range(500):  # slack: well inside the trust region
-        dual = td3_c.dual_step(dual, 0.0, eps)
+        dual = td3_c.dual_step(dual, 0.0, eps, "adam")
         assert float(dual.params["v"]) >= 0.0
     assert float(dual.params["v"]) == 0.0
+
+
+def test_dual_defaults_are_the_studied_reading():
+    """The default is the td3c_dual study's choice: projected plain SGD on lambda at lr 1e3 with
+    the constraint averaged over action dimensions; --dual-lr's default follows --dual-update."""
+    args = td3_c.Args()
+    assert (args.dual_update, args.constraint_reduce, args.dual_lr) == ("sgd", "mean", None)
+    actor, critic = td3_c.make_networks(args, 3)
+    for reading, lr in (("sgd", 1e3), ("adam", 1e-2), ("mpo", 1e-2), ("sgd", 7.0)):
+        explicit = lr if (reading, lr) == ("sgd", 7.0) else None
+        args = td3_c.Args(dual_update=reading, dual_lr=explicit)
+        dual = td3_c.create_state(args, actor, critic, 11, 3, jax.random.PRNGKey(0), None).dual
+        c, eps = 3e-4, 1e-5
+        stepped = float(td3_c.dual_value(td3_c.dual_step(dual, c, eps, reading).params, reading))
+        start = float(td3_c.dual_value(dual.params, reading))
+        # the first step: SGD moves lambda by lr (c - eps); Adam's first step is lr g / (|g| +
+        # 1e-8) for the gradient g (on lambda: g = eps - c; mpo, on eta: g = sigmoid(eta) (eps -
+        # c), so tiny at lambda ~ 1e-8 that Adam's epsilon damps the first steps)
+        if reading == "sgd":
+            assert stepped - start == pytest.approx(lr * (c - eps), rel=1e-4)
+        elif reading == "adam":
+            g = eps - c
+            assert stepped - start == pytest.approx(-lr * g / (abs(g) + 1e-8), rel=1e-4)
+        else:
+            eta0 = np.log(np.expm1(1e-8))
+            g = 1 / (1 + np.exp(-eta0)) * (eps - c)
+            expected = np.logaddexp(0.0, eta0 - lr * g / (abs(g) + 1e-8)) + 1e-8
+            assert stepped == pytest.approx(expected, rel=1e-4)
 
 
 def test_clipped_action_gradient_is_bounded():
