@@ -415,7 +415,7 @@ def pretrain_cql_ensemble(args, members, key, offline, cql_update, run, eval_fn,
         window.append(metrics)
         if step % args.log_every and step != args.offline_steps:
             continue
-        window_mean = jax.tree_util.tree_map(lambda *m: jnp.mean(jnp.stack(m)), *window)
+        window_mean = {k: v.mean() for k, v in lifecycle.stack_metrics(window).items()}
         run.logger.log(step, window_mean, prefix="offline/")
         window = []
         if step % args.offline_eval_every == 0 or step == args.offline_steps:

@@ -28,12 +28,12 @@ and stop).
 
 import filecmp
 import json
-import os
 import pathlib
 import shutil
 import sys
 
 from benchmarks.sweep import BUDGETS, DEFAULT_ROOT, REPO, SweepError, expand, load_suite, status
+from common.checkpoints import atomic_write_bytes, atomic_write_text
 from common.flags import ArgumentParser
 
 ARCHIVE_ROOT = REPO / "benchmarks" / "logs"
@@ -42,10 +42,8 @@ KEPT_PRETRAIN = ("offline.npz",)  # what the fine-tuning jobs of a pretraining j
 
 
 def _copy(src: pathlib.Path, dst: pathlib.Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with open(src, "rb") as f:
+        atomic_write_bytes(dst, lambda out: shutil.copyfileobj(f, out))
 
 
 # An interrupted job (with --interrupted): what `benchmarks.run` needs to resume it, i.e. its
@@ -54,8 +52,8 @@ MAX_CHECKPOINT_BYTES = 16 * 2**20  # a pretraining's agent (TD3-BC: 3.3 MB), not
 KEPT_INTERRUPTED = ("config.json", "metrics.jsonl", "job.json", "checkpoint.npz", "offline.npz")
 
 
-def kept_files(job) -> tuple[str, ...]:
-    if status(job) == "interrupted":
+def kept_files(job, state: str) -> tuple[str, ...]:
+    if state == "interrupted":
         return KEPT_INTERRUPTED
     return KEPT + (KEPT_PRETRAIN if job.variant == "pretrain" else ())
 
@@ -67,27 +65,12 @@ def kept_files(job) -> tuple[str, ...]:
 ROOT_TOKEN, REPO_TOKEN = "{root}", "{repo}"
 
 
-def _portable_job_record(text: str, root: pathlib.Path) -> str:
+def _job_record(text: str, replacements: list[tuple[str, str]]) -> str:
+    """job.json's text with each (old, new) substring replaced in its command line, in order."""
     record = json.loads(text)
-    record["argv"] = [
-        a.replace(str(root), ROOT_TOKEN).replace(str(REPO), REPO_TOKEN) for a in record["argv"]
-    ]
+    for a, b in replacements:
+        record["argv"] = [arg.replace(a, b) for arg in record["argv"]]
     return json.dumps(record, indent=2) + "\n"
-
-
-def _local_job_record(text: str, root: pathlib.Path) -> str:
-    record = json.loads(text)
-    record["argv"] = [
-        a.replace(ROOT_TOKEN, str(root)).replace(REPO_TOKEN, str(REPO)) for a in record["argv"]
-    ]
-    return json.dumps(record, indent=2) + "\n"
-
-
-def _write(dst: pathlib.Path, text: str) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, dst)
 
 
 def save(
@@ -114,10 +97,11 @@ def save(
         target = archive / job.run_dir.relative_to(root)
         if state == "finished" and (target / "checkpoint.npz").exists():
             (target / "checkpoint.npz").unlink()  # archived while interrupted; now finished
-        for name in kept_files(job):
+        portable = [(str(root), ROOT_TOKEN), (str(REPO), REPO_TOKEN)]
+        for name in kept_files(job, state):
             src = job.run_dir / name
             if name == "job.json" and src.exists():
-                _write(target / name, _portable_job_record(src.read_text(), root))
+                atomic_write_text(target / name, _job_record(src.read_text(), portable))
             elif src.exists():
                 _copy(src, target / name)
         saved.append(job.key)
@@ -130,15 +114,16 @@ def restore(suite_name: str, budget_name: str, root: pathlib.Path, archive: path
     holds a different file of the same run."""
     suite = load_suite(suite_name)
     jobs = [j for j in expand(suite, suite.budget(budget_name), archive) if status(j) != "new"]
+    local = [(ROOT_TOKEN, str(root)), (REPO_TOKEN, str(REPO))]
     pairs, records = [], []
     for job in jobs:
-        for name in kept_files(job):
+        for name in kept_files(job, status(job)):
             src = job.run_dir / name
             if not src.exists():
                 continue
             dst = root / job.run_dir.relative_to(archive) / name
             if name == "job.json":
-                text = _local_job_record(src.read_text(), root)
+                text = _job_record(src.read_text(), local)
                 same = dst.exists() and dst.read_text() == text
                 records.append((text, dst))
             else:
@@ -152,7 +137,7 @@ def restore(suite_name: str, budget_name: str, root: pathlib.Path, archive: path
     for src, dst in pairs:
         _copy(src, dst)
     for text, dst in records:
-        _write(dst, text)
+        atomic_write_text(dst, text)
     return [job.key for job in jobs]
 
 

@@ -18,7 +18,7 @@ import pathlib
 import statistics
 import sys
 
-from benchmarks.report import SCORE
+from benchmarks.report import read_run_dir
 from benchmarks.sweep import BUDGETS, DEFAULT_ROOT, REPO, expand, load_suite, status
 from common.checkpoints import atomic_write_text
 from common.flags import ArgumentParser
@@ -27,20 +27,16 @@ SUITE = "td3c_dual"
 COLUMNS = ["λ 10k", "λ 50k", "λ end", "c / ε", "step / ε", "c ≤ ε", "lowest (step)", "final"]
 
 
+TRACES = ("online/dual", "online/constraint", "online/policy_change")
+
+
 def run_row(run_dir: pathlib.Path) -> dict:
     """The study's numbers for one finished fine-tuning run."""
-    config = json.loads((run_dir / "config.json").read_text())
-    offline, online, eps = config["offline_steps"], config["online_steps"], config["epsilon"]
-    dual, constraint, move, scores = {}, {}, {}, {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        step = row["step"] - offline
-        if step <= 0:
-            continue
-        for key, trace in (("online/dual", dual), ("online/constraint", constraint),
-                           ("online/policy_change", move), (SCORE, scores)):  # fmt: skip
-            if key in row:
-                trace[step] = row[key]
+    eps = json.loads((run_dir / "config.json").read_text())["epsilon"]
+    run = read_run_dir(run_dir, TRACES)  # the report's reader: traces and curve by online step
+    dual, constraint, move = (dict(run["traces"][key]) for key in TRACES)
+    scores = dict(run["curve"][1:])  # online evaluations (the curve's step 0 is the pretrained)
+    online = run["online_steps"]
 
     def at(trace, step):  # the last logged value at or before `step`
         before = [s for s in trace if s <= step]

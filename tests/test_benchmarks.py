@@ -513,6 +513,10 @@ def test_dual_study_row_from_a_runs_metrics(tmp_path):
         {"step": 100 + s, report.SCORE: v} for s, v in ((2000, 40.0), (3000, 20.0), (4000, 90.0))
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text(  # a finished run's (read_run_dir reads the scores)
+        json.dumps({"normalized_score_before_finetuning": 50.0,
+                    "normalized_score_after_finetuning": 90.0})
+    )  # fmt: skip
     row = dual_study.run_row(run)
     # second half = online steps 3000 and 4000: constraints 1.2e-5 and 0.5e-5, moves 3e-5, 1e-5
     assert row["c / ε"] == pytest.approx((1.2 + 0.5) / 2)
