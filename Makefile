@@ -27,12 +27,14 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-# Default suite: fast tests only (tests marked `slow` are skipped; see `make test-slow`).
+# Default suite: fast tests only (tests marked `slow` are skipped; see `make test-slow`), one
+# pytest-xdist worker per core (TEST_WORKERS=1 for a serial run).
+TEST_WORKERS ?= auto
 test: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests
 
 test-slow: install
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow tests
 
 lint: install
 	$(PY) -m ruff check .

@@ -82,6 +82,7 @@ def save(
 ) -> list:
     """Copy the finished jobs of one sweep (and with `interrupted` those with a checkpoint) from
     `root` into `archive`; returns their keys."""
+    root, archive = root.resolve(), archive.resolve()  # job.json holds the runner's absolute paths
     suite = load_suite(suite_name)
     saved = []
     for job in expand(suite, suite.budget(budget_name), root):
@@ -112,6 +113,7 @@ def restore(suite_name: str, budget_name: str, root: pathlib.Path, archive: path
     """Copy the archived jobs of one sweep (finished, or interrupted with their checkpoint) back
     under `root`; returns their keys. Raises SweepError (before copying anything) where `root`
     holds a different file of the same run."""
+    root, archive = root.resolve(), archive.resolve()  # as the runner records them (absolute)
     suite = load_suite(suite_name)
     jobs = [j for j in expand(suite, suite.budget(budget_name), archive) if status(j) != "new"]
     local = [(ROOT_TOKEN, str(root)), (REPO_TOKEN, str(REPO))]

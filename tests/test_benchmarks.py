@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -416,7 +417,7 @@ def test_one_pretraining_for_all_seeds_or_a_committed_checkpoint(tmp_path):
     assert "pre/x.npz" in line and "fine-tuning variance only" in line
 
 
-def test_archive_keeps_finished_runs_and_restores_them_into_another_root(tmp_path):
+def test_archive_keeps_finished_runs_and_restores_them_into_another_root(tmp_path, monkeypatch):
     """benchmarks.archive: `save` keeps only finished jobs, only their small files (and a
     pretraining job's offline.npz), with the command line's paths made portable; `restore` into
     another root gives runs the runner counts as finished there and whose job.json matches that
@@ -459,6 +460,12 @@ def test_archive_keeps_finished_runs_and_restores_them_into_another_root(tmp_pat
         sweep.check_job_record(job)  # the runner's check: the records are this root's commands
     assert (there[0].run_dir / "offline.npz").read_bytes() == b"agent"
     assert report.read_run_dir(there[1].run_dir)["curve"] == [(0, 50.0), (500, 60.0), (1000, 70.0)]
+    # relative roots name the same runs (the runner records absolute paths): saving again and
+    # restoring again over the live runs are no-ops, not "differs" errors
+    monkeypatch.chdir(tmp_path)
+    assert archive.save(suite, "cpu", pathlib.Path("a"), pathlib.Path("logs")) == saved
+    assert archive.restore(suite, "cpu", pathlib.Path("b"), pathlib.Path("logs")) == saved
+    assert str(root) not in (store / first.run_dir.relative_to(root) / "job.json").read_text()
 
     (there[2].run_dir / "metrics.jsonl").write_text("{}\n")  # another attempt of that run
     (there[1].run_dir / "summary.json").unlink()
@@ -524,3 +531,24 @@ def test_dual_study_row_from_a_runs_metrics(tmp_path):
     assert row["c ≤ ε"] == 0.5
     assert (row["λ 10k"], row["λ end"]) == (4.0, 4.0)
     assert (row["lowest"], row["lowest_step"], row["final"]) == (20.0, 3000, 90.0)
+
+
+def test_bench_workers_times_a_phase_from_its_second_to_last_line(tmp_path):
+    """benchmarks.bench_workers' steady-state rate: steps between the phase's second and last
+    logged lines over their time stamps (the first line carries compilation); other phases'
+    lines and lines without the phase's keys are not counted."""
+    from benchmarks import bench_workers
+
+    lines = [
+        {"step": 1000, "time": 100.0, "offline/critic_loss": 1.0},  # after compiling: left out
+        {"step": 2000, "time": 110.0, "offline/critic_loss": 1.0},
+        {"step": 3000, "time": 114.0, "offline/critic_loss": 1.0},
+        {"step": 4000, "time": 118.0, "offline/critic_loss": 1.0},
+        {"step": 4000, "time": 119.0, "eval/normalized_score": 50.0},
+        {"step": 4100, "time": 150.0, "online/critic_loss": 1.0},
+    ]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert bench_workers.steady_rate(metrics, "offline") == pytest.approx(2000 / 8.0)
+    with pytest.raises(SystemExit, match="fewer than 3 'online/' lines"):
+        bench_workers.steady_rate(metrics, "online")
