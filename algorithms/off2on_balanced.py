@@ -433,6 +433,7 @@ def pretrain_cql_ensemble(args, members, key, offline, cql_update, run, eval_fn,
     window = []
     for step in range(start, args.offline_steps, chunk):
         members, key, metrics = offline_chunk(members, offline, key, jnp.int32(step))
+        jax.block_until_ready(metrics)  # count steps done, not dispatched (JAX runs ahead)
         step += chunk
         bar.update(chunk)
         window.append(metrics)
