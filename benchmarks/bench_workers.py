@@ -13,10 +13,9 @@ loading and compilation are left out. speedup = (sum of the two concurrent rates
 alone): above 1, two workers finish a sweep sooner. Fine-tuning workloads start from a short
 pretraining made first (its quality does not change the cost of an update).
 
-Writes benchmarks/results/workers_<machine>.json (`--out` to choose) and prints it.
+Writes benchmarks/results/workers_<cpus>cpu.json (`--out` to choose) and prints it.
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -29,9 +28,11 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from common.checkpoints import atomic_write_text  # noqa: E402
+from common.flags import ArgumentParser, Range, arg_type  # noqa: E402
 
 DATASET = "hopper-medium-v2"
 QUIET = ["--offline-eval-every", "1000000000", "--checkpoint-every", "1000000000"]
+MIN_STEPS = 3_000  # 3 lines logged every 1000 steps: the first (compilation) and two to time
 
 
 def workloads(offline_steps: int, online_steps: int) -> dict:
@@ -60,32 +61,34 @@ def steady_rate(metrics: pathlib.Path, phase: str) -> float:
 
 def launch(script: str, flags: list, seed: int, run_dir: pathlib.Path) -> subprocess.Popen:
     argv = [sys.executable, f"algorithms/{script}", "--env", DATASET, "--seed", str(seed)]
-    log = open(run_dir.with_suffix(".log"), "w")
-    return subprocess.Popen(
-        [*argv, *flags, *QUIET, "--run-dir", str(run_dir)], cwd=REPO, stdout=log, stderr=log
-    )
+    with open(run_dir.with_suffix(".log"), "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [*argv, *flags, *QUIET, "--run-dir", str(run_dir)], cwd=REPO, stdout=log, stderr=log
+        )
 
 
 def run_jobs(specs: list) -> float:
-    """Run (script, flags, seed, run_dir) jobs at once; fail with their log on an error."""
+    """Run (script, flags, seed, run_dir) jobs at once; on an error stop the others and fail
+    with its log."""
     start = time.perf_counter()
     procs = [(launch(*spec), spec[-1]) for spec in specs]
     for proc, run_dir in procs:
         if proc.wait() != 0:
+            for other, _ in procs:
+                other.kill()
             tail = run_dir.with_suffix(".log").read_text()[-2000:]
             raise SystemExit(f"{run_dir.name} failed:\n{tail}")
     return time.perf_counter() - start
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--offline-steps", type=int, default=12_000)
-    parser.add_argument("--online-steps", type=int, default=6_000)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    steps = arg_type(int, Range(MIN_STEPS, what="for 3 logged lines"))
+    parser.add_argument("--offline-steps", type=steps, default=12_000, help="per pretraining job")
+    parser.add_argument("--online-steps", type=steps, default=6_000, help="per fine-tuning job")
     parser.add_argument("--only", nargs="+", choices=list(workloads(1, 1)), help="a subset")
     parser.add_argument("--out", type=pathlib.Path, help="default: results/workers_<cpus>cpu.json")
     args = parser.parse_args(argv)
-    if args.offline_steps < 3_000 or args.online_steps < 3_000:
-        parser.error("--offline-steps and --online-steps must be >= 3000 (3 logged lines)")
     chosen = workloads(args.offline_steps, args.online_steps)
     chosen = {k: v for k, v in chosen.items() if not args.only or k in args.only}
     result = {
