@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "algorithms"))
+from benchmarks.machine import machine_info  # noqa: E402
 from common.checkpoints import atomic_write_text  # noqa: E402
 
 OBS_DIM, ACTION_DIM, NUM_OFFLINE = 11, 3, 1_000_000
@@ -345,7 +345,7 @@ def main():
     )
     args = parser.parse_args()
     report = {
-        "machine": f"{platform.machine()}, cpu_count={os.cpu_count()}",
+        "machine": machine_info(),
         "device": str(jax.devices()[0]),
         "jax": jax.__version__,
         "quick": args.quick,

@@ -19,7 +19,6 @@ Writes benchmarks/results/workers_<cpus>cpu.json (`--out` to choose) and prints 
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.machine import machine_info  # noqa: E402
 from common.checkpoints import atomic_write_text  # noqa: E402
 from common.flags import ArgumentParser, Range, arg_type  # noqa: E402
 
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     chosen = workloads(args.offline_steps, args.online_steps)
     chosen = {k: v for k, v in chosen.items() if not args.only or k in args.only}
     result = {
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or "unknown"},
+        "machine": machine_info(),
         "dataset": DATASET,
         "offline_steps": args.offline_steps,
         "online_steps": args.online_steps,

@@ -552,3 +552,22 @@ def test_bench_workers_times_a_phase_from_its_second_to_last_line(tmp_path):
     assert bench_workers.steady_rate(metrics, "offline") == pytest.approx(2000 / 8.0)
     with pytest.raises(SystemExit, match="fewer than 3 'online/' lines"):
         bench_workers.steady_rate(metrics, "online")
+
+
+def test_machine_info_reads_the_first_processor_and_its_vector_extensions(tmp_path):
+    """Results files name the CPU (the project's machines differ 2-3x in speed): model name,
+    family/model numbers and the vector extensions, from the first processor's entry only."""
+    from benchmarks import machine
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+        "model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16\n\n"
+        "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: other\nflags\t\t: sse\n"
+    )
+    info = machine.machine_info(cpuinfo)
+    assert (info["model_name"], info["cpu_family"], info["model"]) == ("AMD EPYC", "26", "2")
+    assert info["vector_flags"] == ["avx2", "fma", "avx512f", "avx512_bf16"]
+    older = machine.parse_cpuinfo("model name\t: Intel Xeon\nflags\t: sse avx avx2\n")
+    assert older["vector_flags"] == ["avx2"] and older["cpu_family"] == "unknown"
+    assert "model_name" not in machine.machine_info(tmp_path / "absent")
