@@ -55,7 +55,12 @@ Choices where the paper is silent (documented defaults):
 - The temperature loss (Eq. 6) is the standard one on log alpha, -log alpha (log pi +
   target entropy) (SAC's and rlkit's code). d3rlpy, which the authors' code builds on,
   differentiates through alpha = exp(log alpha): its gradient then shrinks with alpha, and
-  under Adam the offline alpha stalled near 1e-10 here.
+  under Adam the offline alpha stalled near 1e-10 here. Either way the offline alpha ends at
+  ~0: the ML term holds the policy's entropy above the target -|A| (hopper-medium: -2.3 vs
+  -3), so the loss lowers log alpha at every step (to -147 after 500k steps here, alpha = 0 in
+  float32). SAC -> SAC keeps the offline temperature (the paper "loaded offline-trained SAC+ML
+  and ran SAC online"), so it fine-tunes with alpha ~ 0 (no entropy bonus) in both codes; ACA
+  resets it to 1.
 - The k schedule is the authors' code: k drops by k0 / (K 1000) per gradient step, so with the
   medium defaults (1, 40, 0.5) it reaches k_min = 0.5 after 20k updates; Table 10's caption
   ("K episodes") implies that k reaches its floor after K = 40 episodes (40k steps).
