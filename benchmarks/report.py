@@ -7,10 +7,11 @@ For every (variant, dataset) of the suite: the D4RL-normalized score at the end 
 at the end of fine-tuning, the improvement delta, and the lowest score in the first 10% of
 fine-tuning (the policy-collapse measure: the minimum over the evaluations at online steps
 <= 10% of the budget, or the first online evaluation if none falls that early), each as
-mean +- std over the finished seeds, beside the paper's offline -> online (delta) from
-`benchmarks/reference/`. Then per variant the IQM of the final scores over all (dataset, seed)
+mean +- sample std (n - 1) over the finished seeds, beside the paper's offline -> online (delta)
+from `benchmarks/reference/`. Then per variant the IQM of the final scores over all (dataset, seed)
 runs with a 95% stratified-bootstrap confidence interval (rliable), and one learning-curve PNG
-per dataset (mean +- std over seeds against online env steps; dashed: the paper's final score).
+per dataset (mean +- sample std over seeds against online env steps; dashed: the paper's final
+score).
 
 Writes `report.md`, `runs.csv` (one row per run), `summary.csv` (one row per variant and
 dataset), `aggregate.csv`, `curves.csv` (every evaluation of every run: variant, dataset, seed,
@@ -104,7 +105,7 @@ def mean_std(values) -> str:
         return "—"
     if len(values) == 1:
         return f"{values[0]:.1f}"
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"  # sample std (n - 1)
 
 
 def paper_cell(ref: dict | None) -> str:
@@ -209,7 +210,7 @@ def plot_curves(runs: list[dict], suite, refs: dict, out: pathlib.Path) -> list[
                 continue
             steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
             values = np.array([[dict(c)[s] for s in steps] for c in curves])
-            mean, std = values.mean(0), values.std(0)
+            mean, std = values.mean(0), values.std(0, ddof=1 if len(values) > 1 else 0)
             color = f"C{i}"
             ax.plot(steps, mean, color=color, label=f"{variant.name} ({len(curves)} seeds)")
             ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
@@ -383,7 +384,8 @@ def report(
         f"{', '.join(map(str, seeds))}; {len(runs)} finished fine-tuning runs.",
         "",
         *[x for line in provenance(suite, budget, runs, datasets, seeds) for x in (line, "")],
-        "D4RL normalized scores, mean ± std over seeds. *pretrained*: end of offline training; "
+        "D4RL normalized scores, mean ± sample std (n − 1) over seeds. *pretrained*: end of "
+        "offline training; "
         "*fine-tuned*: end of the online budget; *lowest early*: lowest evaluation in the first "
         "10% of fine-tuning (policy collapse). "
         + (

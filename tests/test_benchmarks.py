@@ -246,6 +246,15 @@ def test_iqm_is_the_25_percent_trimmed_mean():
     assert low < point < high
 
 
+def test_seed_spread_is_the_sample_standard_deviation():
+    # Two seeds 1 and 3: mean 2, sample std sqrt(((1-2)^2 + (3-2)^2) / (2 - 1)) = sqrt(2) = 1.41
+    # (the population std would be 1.0); a single seed has no spread; NaNs (unfinished) are dropped.
+    assert report.mean_std([1.0, 3.0]) == "2.0 ± 1.4"
+    assert report.mean_std([1.0, 3.0, float("nan")]) == "2.0 ± 1.4"
+    assert report.mean_std([7.25]) == "7.2"
+    assert report.mean_std([]) == "—"
+
+
 def _runner(tmp_path, *extra):
     env = {**os.environ, "O2O_SUITES_DIR": str(tmp_path / "suites")}
     return [sys.executable, "-m", "benchmarks.run", "tiny", "--budget", "smoke",
