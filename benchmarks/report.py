@@ -229,8 +229,18 @@ def plot_curves(runs: list[dict], suite, refs: dict, out: pathlib.Path) -> list[
     return written
 
 
+def seed_band(traces: list[list]) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+    """Seeds' traces [(step, value), ...] -> (steps every trace has, mean, lowest, highest over
+    seeds at each step). The diagnostics' band is the seeds' range, not mean +- std: a dual or a
+    constraint spans decades on a log axis, where mean - std would fall below zero."""
+    steps = sorted(set.intersection(*(set(s for s, _ in t) for t in traces)))
+    values = np.array([[dict(t)[s] for s in steps] for t in traces], dtype=float)
+    return steps, values.mean(0), values.min(0), values.max(0)
+
+
 def plot_diagnostics(runs: list[dict], suite, out: pathlib.Path) -> list[str]:
-    """One figure per dataset, one panel per diagnostic: mean over seeds against online steps."""
+    """One figure per dataset, one panel per diagnostic against online steps: the mean over seeds
+    and, shaded, the seeds' range (lowest to highest seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,14 +264,16 @@ def plot_diagnostics(runs: list[dict], suite, out: pathlib.Path) -> list[str]:
                 traces = [t for t in traces if t]
                 if not traces:
                     continue
-                steps = sorted(set.intersection(*(set(s for s, _ in t) for t in traces)))
-                mean = np.array([[dict(t)[s] for s in steps] for t in traces]).mean(0)
-                ax.plot(steps, mean, color=f"C{i}", label=variant.name)
-                plotted += list(mean)
+                steps, mean, lowest, highest = seed_band(traces)
+                label = f"{variant.name} ({len(traces)} seeds)"
+                ax.plot(steps, mean, color=f"C{i}", label=label)
+                if len(traces) > 1:
+                    ax.fill_between(steps, lowest, highest, color=f"C{i}", alpha=0.2, lw=0)
+                plotted += [*lowest, *highest]
             ax.set_title(key, fontsize=9)
             style_axis(ax, plotted)
             ax.legend(fontsize=7)
-        fig.suptitle(dataset, fontsize=10)
+        fig.suptitle(f"{dataset}: mean over seeds, shaded: the seeds' range", fontsize=10)
         fig.tight_layout()
         path = out / f"{dataset}_diagnostics.png"
         fig.savefig(path, dpi=110)

@@ -255,6 +255,22 @@ def test_seed_spread_is_the_sample_standard_deviation():
     assert report.mean_std([]) == "—"
 
 
+def test_diagnostic_band_is_the_seeds_range_at_steps_every_seed_logged():
+    # Three seeds' traces of a dual variable; seed 2 has no step 2000 and an extra step 4000, so
+    # only steps 1000 and 3000 are common. At 1000: values 1, 10, 100 -> mean 37, range [1, 100];
+    # at 3000: 5, 5, 2 -> mean 4, range [2, 5].
+    traces = [
+        [(1000, 1.0), (2000, 7.0), (3000, 5.0)],
+        [(1000, 10.0), (2000, 8.0), (3000, 5.0)],
+        [(1000, 100.0), (3000, 2.0), (4000, 9.0)],
+    ]
+    steps, mean, lowest, highest = report.seed_band(traces)
+    assert steps == [1000, 3000]
+    np.testing.assert_allclose(mean, [37.0, 4.0])
+    np.testing.assert_allclose(lowest, [1.0, 2.0])
+    np.testing.assert_allclose(highest, [100.0, 5.0])
+
+
 def _runner(tmp_path, *extra):
     env = {**os.environ, "O2O_SUITES_DIR": str(tmp_path / "suites")}
     return [sys.executable, "-m", "benchmarks.run", "tiny", "--budget", "smoke",
