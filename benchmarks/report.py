@@ -191,6 +191,13 @@ def style_axis(ax, values=()) -> None:
         ax.set_yscale("log")
 
 
+def align_seeds(traces: list[list]) -> tuple[list, np.ndarray]:
+    """Seeds' traces [(step, value), ...] -> (the steps every trace has, values[seed, step]).
+    Seeds log at the same steps unless one stopped early; then only the common steps compare."""
+    steps = sorted(set.intersection(*(set(s for s, _ in t) for t in traces)))
+    return steps, np.array([[dict(t)[s] for s in steps] for t in traces], dtype=float)
+
+
 def plot_curves(runs: list[dict], suite, refs: dict, out: pathlib.Path) -> list[str]:
     import matplotlib
 
@@ -208,8 +215,7 @@ def plot_curves(runs: list[dict], suite, refs: dict, out: pathlib.Path) -> list[
             curves = [r["curve"] for r in here if r["variant"] == variant.name]
             if not curves:
                 continue
-            steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
-            values = np.array([[dict(c)[s] for s in steps] for c in curves])
+            steps, values = align_seeds(curves)
             mean, std = values.mean(0), values.std(0, ddof=1 if len(values) > 1 else 0)
             color = f"C{i}"
             ax.plot(steps, mean, color=color, label=f"{variant.name} ({len(curves)} seeds)")
@@ -233,8 +239,7 @@ def seed_band(traces: list[list]) -> tuple[list, np.ndarray, np.ndarray, np.ndar
     """Seeds' traces [(step, value), ...] -> (steps every trace has, mean, lowest, highest over
     seeds at each step). The diagnostics' band is the seeds' range, not mean +- std: a dual or a
     constraint spans decades on a log axis, where mean - std would fall below zero."""
-    steps = sorted(set.intersection(*(set(s for s, _ in t) for t in traces)))
-    values = np.array([[dict(t)[s] for s in steps] for t in traces], dtype=float)
+    steps, values = align_seeds(traces)
     return steps, values.mean(0), values.min(0), values.max(0)
 
 
