@@ -83,8 +83,22 @@ def execute(job: Job, env: dict, python: str = sys.executable) -> int:
 
 def prepare_datasets(jobs: list[Job], tiny_steps: int | None, root: pathlib.Path) -> dict:
     """Make sure every dataset exists before jobs start (so parallel jobs never generate the
-    same one twice). Returns environment variables for the jobs."""
+    same one twice). Returns environment variables for the jobs. The work runs in a child
+    process: the dataset code loads JAX, and a parent holding JAX's threads would warn ("os.fork()
+    was called ... likely lead to a deadlock") at every job it launched afterwards."""
     names = sorted({job.dataset for job in jobs})
+    code = "import sys; from benchmarks import run; sys.exit(run.make_datasets(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, str(tiny_steps or 0), str(root), *names]
+    if subprocess.run(argv, cwd=REPO).returncode:
+        raise SweepError(f"the datasets {', '.join(names)} could not be prepared (see above)")
+    if tiny_steps:
+        return {"MINARI_DATASETS_PATH": str(root / "tiny_datasets" / str(tiny_steps))}
+    return {}
+
+
+def make_datasets(argv: list[str]) -> int:
+    """prepare_datasets' child: argv = [tiny steps (0: the real datasets), root, names...]."""
+    tiny_steps, root, names = int(argv[0]), pathlib.Path(argv[1]), argv[2:]
     if tiny_steps:
         from common.d4rl import parse_name
         from common.d4rl_recipe import make_tiny_dataset
@@ -95,15 +109,19 @@ def prepare_datasets(jobs: list[Job], tiny_steps: int | None, root: pathlib.Path
             env, split = parse_name(name)
             if not (tiny_root / GENERATED_NAMESPACE / env / f"{split}-v0").exists():
                 make_tiny_dataset(tiny_root, name, num_steps=tiny_steps, seed=0)
-        return {"MINARI_DATASETS_PATH": str(tiny_root)}
+        return 0
     from common.datasets import DatasetError, generate_on_first_use, resolve
 
     for name in names:
         try:
-            resolve(name, allow_download=True)
-        except DatasetError:
-            generate_on_first_use(name)
-    return {}
+            try:
+                resolve(name, allow_download=True)
+            except DatasetError:
+                generate_on_first_use(name)
+        except DatasetError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return 0
 
 
 def schedule(jobs: list[Job], launch, wait_any, workers: int, bar) -> dict[str, str]:
@@ -264,7 +282,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{status(job):12s} {job.suite} {job.key}  {job.run_dir}")
         return 0
     tiny = {load_suite(j.suite).budget(args.budget).tiny_datasets for j in jobs} - {None}
-    env = prepare_datasets(jobs, max(tiny) if tiny else None, args.root)
+    try:
+        env = prepare_datasets(jobs, max(tiny) if tiny else None, args.root)
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     # Compiled XLA programs are cached across the sweep's processes (same shapes, same program).
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(args.root / "jax_cache"))
     finished = sum(status(j) == "finished" for j in jobs)

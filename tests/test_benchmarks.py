@@ -596,3 +596,22 @@ def test_machine_info_reads_the_first_processor_and_its_vector_extensions(tmp_pa
     older = machine.parse_cpuinfo("model name\t: Intel Xeon\nflags\t: sse avx avx2\n")
     assert older["vector_flags"] == ["avx2"] and older["cpu_family"] == "unknown"
     assert "model_name" not in machine.machine_info(tmp_path / "absent")
+
+
+def test_the_runner_prepares_datasets_without_loading_jax_itself(tmp_path):
+    # The runner launches every job as a child process; with JAX's threads running in it, each
+    # launch warned "os.fork() was called ... likely lead to a deadlock" (seen after a dataset
+    # was generated). So the dataset work runs in a child and the runner never imports JAX.
+    code = (
+        "import pathlib, sys, types\n"
+        "from benchmarks import run\n"
+        "jobs = [types.SimpleNamespace(dataset='hopper-medium-v2')]\n"
+        "env = run.prepare_datasets(jobs, 300, pathlib.Path(sys.argv[1]))\n"
+        "print(env['MINARI_DATASETS_PATH'], 'jax' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+        check=True,
+    ).stdout.split()  # fmt: skip
+    assert out[-2:] == [str(tmp_path / "tiny_datasets" / "300"), "False"]
+    assert (tmp_path / "tiny_datasets" / "300" / "o2o" / "hopper" / "medium-v0").is_dir()
