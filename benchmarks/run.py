@@ -87,24 +87,22 @@ def prepare_datasets(jobs: list[Job], tiny_steps: int | None, root: pathlib.Path
     process: the dataset code loads JAX, and a parent holding JAX's threads would warn ("os.fork()
     was called ... likely lead to a deadlock") at every job it launched afterwards."""
     names = sorted({job.dataset for job in jobs})
+    tiny_root = root / "tiny_datasets" / str(tiny_steps) if tiny_steps else None
     code = "import sys; from benchmarks import run; sys.exit(run.make_datasets(sys.argv[1:]))"
-    argv = [sys.executable, "-c", code, str(tiny_steps or 0), str(root), *names]
+    argv = [sys.executable, "-c", code, str(tiny_steps or 0), str(tiny_root or ""), *names]
     if subprocess.run(argv, cwd=REPO).returncode:
         raise SweepError(f"the datasets {', '.join(names)} could not be prepared (see above)")
-    if tiny_steps:
-        return {"MINARI_DATASETS_PATH": str(root / "tiny_datasets" / str(tiny_steps))}
-    return {}
+    return {"MINARI_DATASETS_PATH": str(tiny_root)} if tiny_root else {}
 
 
 def make_datasets(argv: list[str]) -> int:
-    """prepare_datasets' child: argv = [tiny steps (0: the real datasets), root, names...]."""
-    tiny_steps, root, names = int(argv[0]), pathlib.Path(argv[1]), argv[2:]
+    """prepare_datasets' child: argv = [tiny steps (0: the real datasets), tiny root, names...]."""
+    tiny_steps, tiny_root, names = int(argv[0]), pathlib.Path(argv[1]), argv[2:]
     if tiny_steps:
         from common.d4rl import parse_name
         from common.d4rl_recipe import make_tiny_dataset
         from common.minari_io import GENERATED_NAMESPACE
 
-        tiny_root = root / "tiny_datasets" / str(tiny_steps)
         for name in names:
             env, split = parse_name(name)
             if not (tiny_root / GENERATED_NAMESPACE / env / f"{split}-v0").exists():
