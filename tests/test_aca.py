@@ -1,5 +1,6 @@
 import ast
 import json
+import os
 import pathlib
 import sys
 
@@ -405,3 +406,48 @@ def test_online_critic_and_actor_losses_are_eq20_to_22():
         - (r_pi + k * np_clip_log_pi0(snap["actor_0"], obs, u, beta))
     )
     assert float(metrics["actor_loss"]) == pytest.approx(actor_loss, rel=1e-4, abs=1e-4)
+
+
+def test_sacml_divergence_branches_continue_the_run_exactly(tiny_root, tmp_path):
+    """benchmarks.sacml_divergence: the control branch reproduces the run it starts from (same
+    metrics, bit for bit) and fixed-alpha holds the temperature at its checkpoint value."""
+    import shutil
+    import subprocess
+
+    run_dir, saved = tmp_path / "run", tmp_path / "at200"
+    flags = ("--online-steps", "0")
+    run(run_dir, tiny_root, *flags, "--stop-after", "200", ok=False)
+    shutil.copytree(run_dir, saved)  # the mid-pretraining checkpoint (step 200)
+    run(run_dir, tiny_root, *flags, "--resume")  # the run itself, on to step 400
+
+    def branch(variant):
+        out = tmp_path / variant
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.sacml_divergence", "--checkpoint",
+             str(saved / "checkpoint.npz"), "--variant", variant, "--steps", "200",
+             "--eval-every", "200", "--out", str(out)],
+            cwd=REPO, capture_output=True, text=True,
+            env={**os.environ, "MINARI_DATASETS_PATH": str(tiny_root)},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    original = {r["step"]: r for r in logged if "offline/critic_loss" in r and r["step"] > 200}
+    control = branch("control")
+    assert [r["step"] for r in control] == [300, 400] == sorted(original)
+    for row in control:
+        for key in ("critic_loss", "actor_loss", "alpha", "z_loss"):
+            assert row[f"train/{key}"] == original[row["step"]][f"offline/{key}"], key
+    assert control[-1]["eval/normalized_score"] == pytest.approx(
+        next(
+            r["eval/normalized_score"]
+            for r in logged
+            if r["step"] == 400 and "eval/normalized_score" in r
+        )
+    )
+    fixed = branch("fixed-alpha")
+    with np.load(saved / "checkpoint.npz") as ckpt:
+        alpha = float(np.exp(ckpt[".log_alpha.params['v']"]))
+    assert [r["train/alpha"] for r in fixed] == pytest.approx([alpha, alpha], rel=1e-6)
+    assert control[0]["train/alpha"] != pytest.approx(alpha, rel=1e-6)  # it does move

@@ -1,0 +1,258 @@
+"""Why SAC+ML (ACA's offline phase) diverges on halfcheetah-medium: branch a pretraining run.
+
+    python -m benchmarks.sacml_divergence --checkpoint RUN/checkpoint.npz --variant fixed-alpha \
+        --steps 100000 --out runs/sacml_divergence/fixed-alpha
+    python -m benchmarks.sacml_divergence --report runs/sacml_divergence --main-run RUN
+
+A branch continues the offline phase of an `aca.py` run from its (mid-pretraining) resume
+checkpoint, with its config.json's flags, changing one thing:
+  control       nothing: the run itself (same RNG key, same batches; reproduces its metrics)
+  fixed-alpha   the temperature frozen (Eq. 6 switched off) at its checkpoint value, or at
+                --alpha (0: no entropy terms at all)
+  ml-weight     w of Eq. (4) set to --ml-weight (the paper's w = 30 for every dataset)
+Every --eval-every steps it logs the evaluation score and, on a fixed sample of 20000 dataset
+states, the critic at the data's actions, at the policy's mean and sampled actions and at uniform
+actions (min over the twin critics), the policy's mean distance to the data's actions and the
+temperature: whether the critic over-values the policy's own actions (extrapolation) and drags
+the policy away from the data. Resumes from out/checkpoint.npz; --report writes a table and a
+PNG of every branch under a folder (and of the main run's own evaluations, for reference).
+"""
+
+import dataclasses
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "algorithms"))
+from common import lifecycle  # noqa: E402
+from common.checkpoints import (  # noqa: E402
+    atomic_write_text,
+    load_checkpoint,
+    read_checkpoint_metadata,
+    save_checkpoint,
+)
+from common.flags import ArgumentParser, UsageError  # noqa: E402
+
+VARIANTS = ("control", "fixed-alpha", "ml-weight")
+PROBE_STATES = 20_000
+
+
+def run_args(checkpoint: pathlib.Path):
+    """The aca.Args of the run that wrote `checkpoint` (its config.json beside it)."""
+    import aca
+
+    config_path = checkpoint.parent / "config.json"
+    if not config_path.exists():
+        raise UsageError(f"{config_path} does not exist: --checkpoint must lie in an aca.py run")
+    config = json.loads(config_path.read_text())
+    fields = {f.name for f in dataclasses.fields(aca.Args)}
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
+    return aca.Args(**config)
+
+
+def probe(actor, critic, params, obs, actions, key):
+    """The critic at the data's, the policy's and uniform actions, at fixed dataset states."""
+    import aca
+
+    mean, log_std = actor.apply(params["actor"], obs)
+    sampled = jnp.tanh(aca.sample_pre_tanh(mean, log_std, key))
+    uniform = jax.random.uniform(jax.random.fold_in(key, 1), actions.shape, minval=-1, maxval=1)
+
+    def q(a):
+        return aca.twin(critic, params["critic"], obs, a).min(0).mean()
+
+    return {
+        "q_data": q(actions),
+        "q_policy_mean": q(jnp.tanh(mean)),
+        "q_policy_sample": q(sampled),
+        "q_uniform": q(uniform),
+        "policy_data_distance": jnp.abs(jnp.tanh(mean) - actions).mean(),
+        "log_std": log_std.mean(),
+    }
+
+
+def branch(args) -> None:
+    import aca
+
+    from common.datasets import TRANSITION_KEYS, load_d4rl
+    from common.evaluation import evaluate
+    from common.networks import Critic, TanhGaussianPolicy, ValueNet
+
+    checkpoint = pathlib.Path(args.checkpoint)
+    meta = read_checkpoint_metadata(checkpoint)
+    if meta.get("phase") != "offline":
+        raise UsageError(f"{checkpoint} is not a mid-pretraining resume checkpoint of aca.py")
+    run = run_args(checkpoint)
+    if args.variant == "ml-weight":
+        run = dataclasses.replace(run, ml_weight=args.ml_weight)
+    out = pathlib.Path(args.out)
+    data = load_d4rl(run.env, allow_generate=False)
+    offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
+    obs_dim, action_dim = offline["observations"].shape[1], offline["actions"].shape[1]
+    actor = TanhGaussianPolicy(action_dim, run.hidden_dims)
+    critic, baseline = Critic(run.hidden_dims), ValueNet(run.hidden_dims)
+    template = aca.create_offline_state(
+        run, actor, critic, baseline, obs_dim, action_dim, jax.random.PRNGKey(0)
+    )
+    resume = out / "checkpoint.npz"
+    resuming = resume.exists()
+    state, progress = load_checkpoint(resume if resuming else checkpoint, template)
+    start = progress["offline_step"]
+    if resuming:  # drop what was logged after the checkpoint: it is about to be redone
+        kept = [r for r in read_rows(out / "metrics.jsonl") if r["step"] <= start]
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    if "branched_at" not in progress:
+        progress["branched_at"] = start
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "metrics.jsonl", "")
+        settings = {"checkpoint": str(checkpoint), "variant": args.variant, "alpha": args.alpha,
+                    "ml_weight": run.ml_weight, "branched_at": start, "env": run.env}  # fmt: skip
+        atomic_write_text(out / "config.json", json.dumps(settings, indent=2))
+    if args.variant == "fixed-alpha":  # Eq. (6) off: the temperature keeps its value
+        frozen = optax.set_to_zero()
+        params = state.log_alpha.params  # a resumed branch saved its frozen value
+        if args.alpha is not None and not resuming:
+            params = {"v": jnp.log(jnp.float32(args.alpha))}  # log 0 = -inf: alpha = 0 exactly
+        state = state.replace(
+            log_alpha=state.log_alpha.replace(
+                params=params, tx=frozen, opt_state=frozen.init(params)
+            )
+        )
+    update = aca.make_offline_update(run, actor, critic, baseline, action_dim)
+
+    @jax.jit
+    def chunk(state, data):
+        def body(state, _):
+            key, batch_key = jax.random.split(state.key)
+            idx = jax.random.randint(batch_key, (run.batch_size,), 0, data["rewards"].shape[0])
+            return update(state.replace(key=key), jax.tree_util.tree_map(lambda x: x[idx], data))
+
+        state, metrics = jax.lax.scan(body, state, None, length=run.log_every)
+        return state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    num = offline["rewards"].shape[0]
+    rows = np.random.default_rng(0).choice(num, min(PROBE_STATES, num), replace=False)
+    probe_obs, probe_actions = offline["observations"][rows], offline["actions"][rows]
+    probe_fn = jax.jit(lambda params: probe(
+        actor, critic, params, probe_obs, probe_actions, jax.random.PRNGKey(0)))  # fmt: skip
+    deterministic = jax.jit(lambda p, o: jnp.tanh(actor.apply(p, o)[0]))
+    end = progress["branched_at"] + args.steps
+    bar = lifecycle.progress_bar(
+        range(start, end, run.log_every), desc=f"{args.variant} from {progress['branched_at']}",
+        unit_scale=run.log_every,
+    )  # fmt: skip
+    for step in bar:
+        state, metrics = chunk(state, offline)
+        step += run.log_every
+        row = {"step": step, **{f"train/{k}": float(v) for k, v in metrics.items()}}
+        if step % args.eval_every == 0 or step == end:
+            params = {"actor": state.actor.params, "critic": state.critic.params}
+            row |= {f"probe/{k}": float(v) for k, v in probe_fn(params).items()}
+            result = evaluate(
+                data.info.env,
+                lambda o, p=state.actor.params: deterministic(p, o),
+                run.eval_episodes,
+                run.seed + step,  # the run's own evaluation seeds
+            )
+            row["eval/normalized_score"] = result.mean_normalized
+            bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+            progress = {**progress, "phase": "offline", "offline_step": step}
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            save_checkpoint(resume, state, progress)
+        else:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def report(folder: pathlib.Path, main_run: pathlib.Path | None) -> None:
+    """A table (table.md) and a PNG of the branches under `folder`, beside the main run's own
+    logged curves from the branch point on (what the control branch reproduces exactly)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    branches = sorted(p.parent for p in folder.glob("*/config.json"))
+    if not branches:
+        raise UsageError(f"{folder} holds no branches (no */config.json)")
+    panels = {"eval/normalized_score": "normalized score", "train/q_mean": "Q(s, a data)",
+              "train/alpha": "temperature alpha", "train/critic_loss": "critic loss"}  # fmt: skip
+    curves = {}  # name -> the evaluated rows
+    for branch_dir in branches:
+        settings = json.loads((branch_dir / "config.json").read_text())
+        name = settings["variant"]
+        if name == "ml-weight":
+            name += f" (w = {settings['ml_weight']:g})"
+        elif settings.get("alpha") is not None:
+            name += f" (alpha = {settings['alpha']:g})"
+        curves[name] = [r for r in read_rows(branch_dir / "metrics.jsonl") if "probe/q_data" in r]
+    branch_steps = {r["step"] for evals in curves.values() for r in evals}
+    if main_run is not None:
+        rows = {}
+        for row in read_rows(main_run / "metrics.jsonl"):
+            rows.setdefault(row["step"], {}).update(
+                {k.replace("offline/", "train/"): v for k, v in row.items()}
+            )
+        main = [rows[s] for s in sorted(branch_steps) if "eval/normalized_score" in rows.get(s, {})]
+        curves = {"main run (alpha tuned, w = 30)": main, **curves}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.6))
+    for name, evals in curves.items():
+        for ax, (key, title) in zip(axes, panels.items(), strict=True):
+            ax.plot([r["step"] for r in evals], [r[key] for r in evals], label=name)
+            ax.set_title(title, fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("offline step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "sacml_divergence.png", dpi=110)
+    probes = ("probe/q_data", "probe/q_policy_sample", "probe/q_uniform",
+              "probe/policy_data_distance")  # fmt: skip
+    lines = ["| run | step | score | alpha | critic loss | Q(s, a data) | Q(s, a ~ pi) | "
+             "Q(s, a uniform) | mean abs(tanh mu - a) |", "|---" * 9 + "|"]  # fmt: skip
+    for name, evals in curves.items():
+        for r in evals:
+            cells = [f"{r[k]:.3g}" for k in ("eval/normalized_score", "train/alpha",
+                                             "train/critic_loss")]  # fmt: skip
+            cells += [f"{r[k]:.3g}" if k in r else "" for k in probes]
+            lines.append(f"| {name} | {r['step']} | " + " | ".join(cells) + " |")
+    atomic_write_text(folder / "table.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="an aca.py run's mid-pretraining checkpoint.npz")
+    parser.add_argument("--variant", choices=VARIANTS, default="control")
+    parser.add_argument("--ml-weight", type=float, default=10.0, help="w for --variant ml-weight")
+    parser.add_argument("--alpha", type=float, help="--variant fixed-alpha: the frozen value")
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--eval-every", type=int, default=10_000)
+    parser.add_argument("--out", help="the branch's folder (resumed if it holds a checkpoint)")
+    parser.add_argument("--report", help="write the table and PNG of the branches under FOLDER")
+    parser.add_argument("--main-run", help="with --report: the run the branches start from")
+    args = parser.parse_args()
+    if args.report:
+        report(pathlib.Path(args.report), pathlib.Path(args.main_run) if args.main_run else None)
+    elif not (args.checkpoint and args.out):
+        parser.error("--checkpoint and --out are required (or --report FOLDER)")
+    elif args.alpha is not None and (args.alpha < 0 or args.variant != "fixed-alpha"):
+        parser.error("--alpha takes a value >= 0, with --variant fixed-alpha")
+    else:
+        branch(args)
+
+
+if __name__ == "__main__":
+    main()
