@@ -163,13 +163,11 @@ def branch(args) -> None:
             )
             row["eval/normalized_score"] = result.mean_normalized
             bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if "eval/normalized_score" in row:  # a resume restarts from the last evaluation
             progress = {**progress, "phase": "offline", "offline_step": step}
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
             save_checkpoint(resume, state, progress)
-        else:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
 
 
 def read_rows(path: pathlib.Path) -> list[dict]:
