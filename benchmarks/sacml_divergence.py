@@ -39,6 +39,7 @@ from common.checkpoints import (  # noqa: E402
     save_checkpoint,
 )
 from common.flags import ArgumentParser, UsageError  # noqa: E402
+from common.logger import read_metrics  # noqa: E402
 
 VARIANTS = ("control", "fixed-alpha", "ml-weight")
 PROBE_STATES = 20_000
@@ -106,7 +107,7 @@ def branch(args) -> None:
     state, progress = load_checkpoint(resume if resuming else checkpoint, template)
     start = progress["offline_step"]
     if resuming:  # drop what was logged after the checkpoint: it is about to be redone
-        kept = [r for r in read_rows(out / "metrics.jsonl") if r["step"] <= start]
+        kept = [r for r in read_metrics(out) if r["step"] <= start]
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     if "branched_at" not in progress:
         progress["branched_at"] = start
@@ -170,10 +171,6 @@ def branch(args) -> None:
             save_checkpoint(resume, state, progress)
 
 
-def read_rows(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def report(folder: pathlib.Path, main_run: pathlib.Path | None) -> None:
     """A table (table.md) and a PNG of the branches under `folder`, beside the main run's own
     logged curves from the branch point on (what the control branch reproduces exactly)."""
@@ -182,7 +179,9 @@ def report(folder: pathlib.Path, main_run: pathlib.Path | None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    branches = sorted(p.parent for p in folder.glob("*/config.json"))
+    branches = sorted(  # a branch's config.json names its variant (an aca.py run's does not)
+        p.parent for p in folder.glob("*/config.json") if "variant" in json.loads(p.read_text())
+    )
     if not branches:
         raise UsageError(f"{folder} holds no branches (no */config.json)")
     panels = {"eval/normalized_score": "normalized score", "train/q_mean": "Q(s, a data)",
@@ -195,11 +194,11 @@ def report(folder: pathlib.Path, main_run: pathlib.Path | None) -> None:
             name += f" (w = {settings['ml_weight']:g})"
         elif settings.get("alpha") is not None:
             name += f" (alpha = {settings['alpha']:g})"
-        curves[name] = [r for r in read_rows(branch_dir / "metrics.jsonl") if "probe/q_data" in r]
+        curves[name] = [r for r in read_metrics(branch_dir) if "probe/q_data" in r]
     branch_steps = {r["step"] for evals in curves.values() for r in evals}
     if main_run is not None:
         rows = {}
-        for row in read_rows(main_run / "metrics.jsonl"):
+        for row in read_metrics(main_run):
             rows.setdefault(row["step"], {}).update(
                 {k.replace("offline/", "train/"): v for k, v in row.items()}
             )
