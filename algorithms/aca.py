@@ -53,14 +53,23 @@ Choices where the paper is silent (documented defaults):
 - Log densities of the tanh-Gaussian are computed from the pre-tanh sample (never via atanh of
   a saturated action), so log pi_0 at the policy's own actions is exact and finite.
 - The temperature loss (Eq. 6) is the standard one on log alpha, -log alpha (log pi +
-  target entropy) (SAC's and rlkit's code). d3rlpy, which the authors' code builds on,
-  differentiates through alpha = exp(log alpha): its gradient then shrinks with alpha, and
-  under Adam the offline alpha stalled near 1e-10 here. Either way the offline alpha ends at
-  ~0: the ML term holds the policy's entropy above the target -|A| (hopper-medium: -2.3 vs
-  -3), so the loss lowers log alpha at every step (to -147 after 500k steps here, alpha = 0 in
+  target entropy), as in the authors' SACMLImpl and ACAImpl (and SAC's and rlkit's code; plain
+  d3rlpy SAC differentiates through alpha = exp(log alpha), whose gradient shrinks with alpha).
+  The target entropy is -|A| (Table 11; the authors' public offline config, mjc_mr.yaml, has
+  target_entropy_coef 1; their medium configs are not public). On hopper-medium the offline
+  alpha ends at ~0: the ML term holds the policy's entropy above the target (-2.3 vs -3), so
+  the loss lowers log alpha at every step (to -147 after 500k steps here, alpha = 0 in
   float32). SAC -> SAC keeps the offline temperature (the paper "loaded offline-trained SAC+ML
-  and ran SAC online"), so it fine-tunes with alpha ~ 0 (no entropy bonus) in both codes; ACA
-  resets it to 1.
+  and ran SAC online"), so there it fine-tunes with alpha ~ 0 (no entropy bonus); ACA resets
+  it to 1.
+- Where the dataset's behaviour policy is sharper than the target (our halfcheetah-medium:
+  entropy -9.3 at the data's states against -|A| = -6), the temperature binds (alpha ~ 0.8)
+  and SAC+ML collapses after ~165k steps on seed 0 (41-43 -> 2): ML keeps the policy sharp
+  only where the data are, and the entropy backup of Eq. (5), -alpha log pi(a'|s'), pays more
+  off the data (where the policy is broad) than the reward pays for running, so the critic
+  leads the policy off the data (the cheetah flips). `--no-offline-backup-entropy` drops that
+  term from the critics' target (CQL code's backup_entropy=False) and holds the policy; the
+  default keeps the paper's Eq. (5). Evidence: benchmarks/results/sacml_divergence/.
 - The k schedule is the authors' code: k drops by k0 / (K 1000) per gradient step, so with the
   medium defaults (1, 40, 0.5) it reaches k_min = 0.5 after 20k updates; Table 10's caption
   ("K episodes") implies that k reaches its floor after K = 40 episodes (40k steps).
@@ -143,6 +152,9 @@ class Args(lifecycle.RunFlags):
     """lr of the Z baselines (Eq. 8)"""
     ml_weight: flags.NonNegative = 30.0
     """w of Eq. (4): lambda = w / mean|Q|"""
+    offline_backup_entropy: bool = True
+    """keep -alpha log pi(a'|s') in the offline critics' target (Eq. 5, SAC); off: a hard target
+    (CQL code's backup_entropy=False), see algorithms/README on halfcheetah-medium"""
     cql_weight: flags.NonNegative = 10.0
     """CQL conservative weight (Table 9)"""
     cql_n_actions: flags.Count = 10
@@ -366,8 +378,9 @@ def make_offline_update(args: Args, actor, critic, baseline, action_dim: int):
         u_next = sample_pre_tanh(next_mean, next_log_std, k_next)
         logp_next = squashed_log_prob(u_next, next_mean, next_log_std)
         next_q = twin(critic, state.critic_target, next_obs, jnp.tanh(u_next)).min(0)
+        entropy_bonus = -alpha * logp_next if args.offline_backup_entropy else 0.0
         target = jax.lax.stop_gradient(
-            batch["rewards"] + args.gamma * (1 - batch["terminals"]) * (next_q - alpha * logp_next)
+            batch["rewards"] + args.gamma * (1 - batch["terminals"]) * (next_q + entropy_bonus)
         )
         if cql:  # 3n extra action sets at the batch states: uniform, pi(.|s), pi(.|s')
             u_curr = sample_pre_tanh(mean, log_std, k_curr, (n,))
@@ -463,6 +476,25 @@ def make_offline_update(args: Args, actor, critic, baseline, action_dim: int):
         return state, metrics
 
     return update
+
+
+def make_offline_chunk(args: Args, actor, critic, baseline, action_dim: int):
+    """jit (state, dataset) -> (state, mean metrics): args.log_every offline updates, each on a
+    uniform minibatch of the dataset (one lax.scan)."""
+    update = make_offline_update(args, actor, critic, baseline, action_dim)
+
+    @jax.jit
+    def chunk(state, data):
+        def body(state, _):
+            key, batch_key = jax.random.split(state.key)
+            idx = jax.random.randint(batch_key, (args.batch_size,), 0, data["rewards"].shape[0])
+            batch = jax.tree_util.tree_map(lambda x: x[idx], data)
+            return update(state.replace(key=key), batch)
+
+        state, metrics = jax.lax.scan(body, state, None, length=args.log_every)
+        return state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    return chunk
 
 
 # ================================================================================================
@@ -713,19 +745,7 @@ def main(args: Args) -> dict:
         if run.resumed:
             state, progress = load_checkpoint(run.checkpoint_path, state)
             print(f"resumed offline phase at step {progress['offline_step']}")
-        offline_update = make_offline_update(args, actor, critic, baseline, action_dim)
-
-        @jax.jit
-        def offline_chunk(state, data):
-            def body(state, _):
-                key, batch_key = jax.random.split(state.key)
-                idx = jax.random.randint(batch_key, (args.batch_size,), 0, data["rewards"].shape[0])
-                batch = jax.tree_util.tree_map(lambda x: x[idx], data)
-                return offline_update(state.replace(key=key), batch)
-
-            state, metrics = jax.lax.scan(body, state, None, length=args.log_every)
-            return state, jax.tree_util.tree_map(jnp.mean, metrics)
-
+        offline_chunk = make_offline_chunk(args, actor, critic, baseline, action_dim)
         bar = lifecycle.progress_bar(
             range(progress["offline_step"], args.offline_steps, args.log_every),
             desc=f"offline {args.offline_algo}", unit_scale=args.log_every,

@@ -3,19 +3,26 @@
     python -m benchmarks.sacml_divergence --checkpoint RUN/checkpoint.npz --variant fixed-alpha \
         --steps 100000 --out runs/sacml_divergence/fixed-alpha
     python -m benchmarks.sacml_divergence --report runs/sacml_divergence --main-run RUN
+    python -m benchmarks.sacml_divergence --soft-reward RUN/checkpoint.npz BRANCH/checkpoint.npz
+    python -m benchmarks.sacml_divergence --behaviour-entropy halfcheetah-medium-v2 hopper-medium-v2
 
 A branch continues the offline phase of an `aca.py` run from its (mid-pretraining) resume
 checkpoint, with its config.json's flags, changing one thing:
   control       nothing: the run itself (same RNG key, same batches; reproduces its metrics)
   fixed-alpha   the temperature frozen (Eq. 6 switched off) at its checkpoint value, or at
-                --alpha (0: no entropy terms at all)
+                --alpha (0: no entropy terms at all); with --ml-weight, w changed as well
   ml-weight     w of Eq. (4) set to --ml-weight (the paper's w = 30 for every dataset)
+  hard-critic   the critics' target without the entropy backup (Eq. 5 minus -alpha log pi(a'|s'):
+                aca.py --no-offline-backup-entropy); the actor's alpha log pi and Eq. (6) stay
 Every --eval-every steps it logs the evaluation score and, on a fixed sample of 20000 dataset
 states, the critic at the data's actions, at the policy's mean and sampled actions and at uniform
 actions (min over the twin critics), the policy's mean distance to the data's actions and the
 temperature: whether the critic over-values the policy's own actions (extrapolation) and drags
 the policy away from the data. Resumes from out/checkpoint.npz; --report writes a table and a
-PNG of every branch under a folder (and of the main run's own evaluations, for reference).
+PNG of every branch under a folder (and of the main run's own evaluations, for reference);
+--soft-reward tabulates, for saved checkpoints, the policy's entropy and the soft reward
+r + alpha H on the dataset's states against the states its own rollouts visit;
+--behaviour-entropy the entropy of the policies that collected the datasets.
 """
 
 import dataclasses
@@ -41,7 +48,7 @@ from common.checkpoints import (  # noqa: E402
 from common.flags import ArgumentParser, UsageError  # noqa: E402
 from common.logger import read_metrics  # noqa: E402
 
-VARIANTS = ("control", "fixed-alpha", "ml-weight")
+VARIANTS = ("control", "fixed-alpha", "ml-weight", "hard-critic")
 PROBE_STATES = 20_000
 
 
@@ -79,6 +86,135 @@ def probe(actor, critic, params, obs, actions, key):
     }
 
 
+def branch_template(checkpoint: pathlib.Path):
+    """(run args, branch settings or None) of a run's or a branch's checkpoint."""
+    config = json.loads((checkpoint.parent / "config.json").read_text())
+    if "variant" not in config:
+        return run_args(checkpoint), None
+    return run_args(pathlib.Path(config["checkpoint"])), config
+
+
+def branch_name(settings: dict) -> str:
+    """The variant and what it changed, e.g. fixed-alpha (alpha = 0, w = 120)."""
+    changes = []  # a fixed-alpha branch may change w as well
+    if settings.get("alpha") is not None:
+        changes.append(f"alpha = {settings['alpha']:g}")
+    if settings["variant"] == "ml-weight" or settings.get("ml_weight_changed"):
+        changes.append(f"w = {settings['ml_weight']:g}")
+    return settings["variant"] + (f" ({', '.join(changes)})" if changes else "")
+
+
+def soft_reward(checkpoints: list[str], episodes: int = 3) -> None:
+    """Where the soft critic wants the agent to be: on the dataset's states and on the states of
+    the policy's own (deterministic) rollouts, upright and flipped, the policy's entropy
+    H = -log pi(a|s) at a sampled a, the reward r and the soft reward r + alpha H that Eq. (5)
+    backs up, and Q(s, tanh mu). Prints a markdown table."""
+    lines = ["| checkpoint | alpha | return | states | share | entropy H | r | r + alpha H | "
+             "Q(s, tanh mu) |", "|---" * 9 + "|"]  # fmt: skip
+    for path in checkpoints:
+        lines += soft_reward_rows(pathlib.Path(path), episodes)
+    print("\n".join(lines))
+
+
+def soft_reward_rows(path: pathlib.Path, episodes: int) -> list[str]:
+    import aca
+    import gymnasium as gym
+
+    from common.d4rl import GYM_ENV_IDS, parse_name
+    from common.datasets import load_d4rl
+    from common.networks import Critic, TanhGaussianPolicy, ValueNet
+
+    run, settings = branch_template(path)
+    data = load_d4rl(run.env, allow_generate=False).transitions
+    obs_dim, action_dim = data["observations"].shape[1], data["actions"].shape[1]
+    actor = TanhGaussianPolicy(action_dim, run.hidden_dims)
+    critic, baseline = Critic(run.hidden_dims), ValueNet(run.hidden_dims)
+    template = aca.create_offline_state(
+        run, actor, critic, baseline, obs_dim, action_dim, jax.random.PRNGKey(0)
+    )
+    if settings and settings["variant"] == "fixed-alpha":  # saved with a frozen temperature
+        frozen = optax.set_to_zero()
+        params = template.log_alpha.params
+        template = template.replace(log_alpha=template.log_alpha.replace(
+            tx=frozen, opt_state=frozen.init(params)))  # fmt: skip
+    state, progress = load_checkpoint(path, template)
+    alpha = float(jnp.exp(state.log_alpha.params["v"]))
+    policy = jax.jit(lambda o: actor.apply(state.actor.params, o))
+
+    def entropy_and_q(obs):
+        mean, log_std = policy(obs)
+        u = aca.sample_pre_tanh(mean, log_std, jax.random.PRNGKey(1))
+        entropy = -aca.squashed_log_prob(u, mean, log_std)
+        q = aca.twin(critic, state.critic.params, obs, jnp.tanh(mean)).min(0)
+        return np.asarray(entropy), np.asarray(q)
+
+    observed, rewards, returns = [], [], []
+    for episode in range(episodes):
+        env = gym.make(GYM_ENV_IDS[parse_name(run.env)[0]])
+        obs, _ = env.reset(seed=7 + episode)
+        done, total = False, 0.0
+        while not done:
+            action = np.tanh(np.asarray(policy(obs[None].astype(np.float32))[0][0]))
+            observed.append(obs)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            rewards.append(reward)
+            total += reward
+            done = terminated or truncated
+        returns.append(total)
+    observed, rewards = np.asarray(observed, np.float32), np.asarray(rewards)
+    flipped = np.abs(observed[:, 1]) > 1.5  # root pitch (rad): on its back
+    rows = np.random.default_rng(0).choice(len(data["rewards"]), PROBE_STATES, replace=False)
+    groups = {"dataset": (data["observations"][rows], data["rewards"][rows], None),
+              "rollout, upright": (observed[~flipped], rewards[~flipped], ~flipped),
+              "rollout, flipped": (observed[flipped], rewards[flipped], flipped)}  # fmt: skip
+    step = progress.get("offline_step", progress.get("offline_steps"))  # resume / final save
+    name = f"{run.env.split('-')[0]}: {branch_name(settings) if settings else 'run'} @ {step}"
+    lines = []
+    for label, (obs, reward, mask) in groups.items():
+        if len(obs) == 0:
+            continue
+        entropy, q = entropy_and_q(obs)
+        share = "" if mask is None else f"{mask.mean():.0%}"
+        cells = [f"{entropy.mean():.2f}", f"{reward.mean():.2f}",
+                 f"{(reward + alpha * entropy).mean():.2f}", f"{q.mean():.1f}"]  # fmt: skip
+        lines.append(f"| {name} | {alpha:.3g} | {np.mean(returns):.0f} | {label} | {share} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    return lines
+
+
+def behaviour_entropy(datasets: list[str]) -> None:
+    """The entropy of each dataset's behaviour policy (the committed SAC actor that collected it)
+    at the dataset's states, E[-log pi_b(a|s)] at a sampled a, beside SAC's target -|A|: an ML
+    fit (Eq. 4) wants the policy about this sharp, the temperature (Eq. 6) holds it at -|A|.
+    For a medium policy also at the states of its SAC run's replay buffer (medium-replay), the
+    states on which SAC's own temperature held it at the target."""
+    from common.d4rl import parse_name
+    from common.d4rl_recipe import POLICY_DIR, load_policy
+    from common.datasets import load_d4rl
+    from common.networks import tanh_gaussian
+
+    def entropy(actor, params, states):
+        rows = np.random.default_rng(0).choice(len(states), PROBE_STATES, replace=False)
+        mean, log_std = actor.apply(params, states[rows])
+        _, log_prob = tanh_gaussian(mean, log_std).sample_and_log_prob(seed=jax.random.PRNGKey(1))
+        return -float(log_prob.mean()), float((jnp.abs(jnp.tanh(mean)) > 0.95).mean())
+
+    lines = ["| dataset | behaviour policy entropy at the data | at its SAC replay buffer | "
+             "SAC target -abs(A) | abs(tanh mu) > 0.95 |", "|---|---|---|---|---|"]  # fmt: skip
+    for name in datasets:
+        env, level = parse_name(name)
+        data = load_d4rl(name, allow_generate=False).transitions
+        actor, params, _ = load_policy(env, level, seed=0)
+        on_data, saturated = entropy(actor, params, data["observations"])
+        on_replay = ""
+        if level == "medium":
+            replay = np.load(POLICY_DIR / env / "medium_replay.npz")["observations"]
+            on_replay = f"{entropy(actor, params, replay)[0]:.2f}"
+        lines.append(f"| {name} | {on_data:.2f} | {on_replay} | {-data['actions'].shape[1]} | "
+                     f"{saturated:.0%} |")  # fmt: skip
+    print("\n".join(lines))
+
+
 def branch(args) -> None:
     import aca
 
@@ -91,8 +227,10 @@ def branch(args) -> None:
     if meta.get("phase") != "offline":
         raise UsageError(f"{checkpoint} is not a mid-pretraining resume checkpoint of aca.py")
     run = run_args(checkpoint)
-    if args.variant == "ml-weight":
+    if args.ml_weight is not None:
         run = dataclasses.replace(run, ml_weight=args.ml_weight)
+    if args.variant == "hard-critic":
+        run = dataclasses.replace(run, offline_backup_entropy=False)
     out = pathlib.Path(args.out)
     data = load_d4rl(run.env, allow_generate=False)
     offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
@@ -114,7 +252,8 @@ def branch(args) -> None:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "metrics.jsonl", "")
         settings = {"checkpoint": str(checkpoint), "variant": args.variant, "alpha": args.alpha,
-                    "ml_weight": run.ml_weight, "branched_at": start, "env": run.env}  # fmt: skip
+                    "ml_weight": run.ml_weight, "ml_weight_changed": args.ml_weight is not None,
+                    "branched_at": start, "env": run.env}  # fmt: skip
         atomic_write_text(out / "config.json", json.dumps(settings, indent=2))
     if args.variant == "fixed-alpha":  # Eq. (6) off: the temperature keeps its value
         frozen = optax.set_to_zero()
@@ -126,17 +265,7 @@ def branch(args) -> None:
                 params=params, tx=frozen, opt_state=frozen.init(params)
             )
         )
-    update = aca.make_offline_update(run, actor, critic, baseline, action_dim)
-
-    @jax.jit
-    def chunk(state, data):
-        def body(state, _):
-            key, batch_key = jax.random.split(state.key)
-            idx = jax.random.randint(batch_key, (run.batch_size,), 0, data["rewards"].shape[0])
-            return update(state.replace(key=key), jax.tree_util.tree_map(lambda x: x[idx], data))
-
-        state, metrics = jax.lax.scan(body, state, None, length=run.log_every)
-        return state, jax.tree_util.tree_map(jnp.mean, metrics)
+    chunk = aca.make_offline_chunk(run, actor, critic, baseline, action_dim)  # the run's own loop
 
     num = offline["rewards"].shape[0]
     rows = np.random.default_rng(0).choice(num, min(PROBE_STATES, num), replace=False)
@@ -189,12 +318,7 @@ def report(folder: pathlib.Path, main_run: pathlib.Path | None) -> None:
     curves = {}  # name -> the evaluated rows
     for branch_dir in branches:
         settings = json.loads((branch_dir / "config.json").read_text())
-        name = settings["variant"]
-        if name == "ml-weight":
-            name += f" (w = {settings['ml_weight']:g})"
-        elif settings.get("alpha") is not None:
-            name += f" (alpha = {settings['alpha']:g})"
-        curves[name] = [r for r in read_metrics(branch_dir) if "probe/q_data" in r]
+        curves[branch_name(settings)] = [r for r in read_metrics(branch_dir) if "probe/q_data" in r]
     branch_steps = {r["step"] for evals in curves.values() for r in evals}
     if main_run is not None:
         rows = {}
@@ -211,6 +335,7 @@ def report(folder: pathlib.Path, main_run: pathlib.Path | None) -> None:
             ax.set_title(title, fontsize=10)
     for ax in axes:
         ax.set_xlabel("offline step")
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -233,20 +358,32 @@ def main() -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="an aca.py run's mid-pretraining checkpoint.npz")
     parser.add_argument("--variant", choices=VARIANTS, default="control")
-    parser.add_argument("--ml-weight", type=float, default=10.0, help="w for --variant ml-weight")
+    parser.add_argument("--ml-weight", type=float, help="w of Eq. (4) (ml-weight, fixed-alpha)")
     parser.add_argument("--alpha", type=float, help="--variant fixed-alpha: the frozen value")
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--eval-every", type=int, default=10_000)
     parser.add_argument("--out", help="the branch's folder (resumed if it holds a checkpoint)")
     parser.add_argument("--report", help="write the table and PNG of the branches under FOLDER")
     parser.add_argument("--main-run", help="with --report: the run the branches start from")
+    parser.add_argument("--soft-reward", nargs="+", metavar="CHECKPOINT",
+                        help="print entropy and soft reward on data vs rollout states")  # fmt: skip
+    parser.add_argument("--behaviour-entropy", nargs="+", metavar="DATASET",
+                        help="print the entropy of the datasets' behaviour policies")  # fmt: skip
     args = parser.parse_args()
-    if args.report:
+    if args.behaviour_entropy:
+        behaviour_entropy(args.behaviour_entropy)
+    elif args.soft_reward:
+        soft_reward(args.soft_reward)
+    elif args.report:
         report(pathlib.Path(args.report), pathlib.Path(args.main_run) if args.main_run else None)
     elif not (args.checkpoint and args.out):
         parser.error("--checkpoint and --out are required (or --report FOLDER)")
     elif args.alpha is not None and (args.alpha < 0 or args.variant != "fixed-alpha"):
         parser.error("--alpha takes a value >= 0, with --variant fixed-alpha")
+    elif args.variant == "ml-weight" and args.ml_weight is None:
+        parser.error("--variant ml-weight needs --ml-weight W (the run's w is 30)")
+    elif args.ml_weight is not None and (args.ml_weight <= 0 or args.variant == "control"):
+        parser.error("--ml-weight takes a value > 0, with --variant ml-weight or fixed-alpha")
     else:
         branch(args)
 

@@ -312,11 +312,13 @@ def test_beta_clip_is_eq13():
     )
 
 
-def test_offline_critic_loss_is_eq5_with_the_updated_temperature():
+@pytest.mark.parametrize("backup_entropy", [True, False])
+def test_offline_critic_loss_is_eq5_with_the_updated_temperature(backup_entropy):
     """Eq. (5): y = r + gamma (1 - d) (min_j Q'_j(s', a') - alpha log pi(a'|s')), a' = tanh(u'),
     u' ~ N(mu(s'), sigma(s')), alpha after this step's Eq. (6) update; loss = sum_j mean
-    (Q_j(s, a) - y)^2. Draws use the update's key convention; the rest is NumPy."""
-    args = aca.Args(hidden_dims=(8, 8))
+    (Q_j(s, a) - y)^2; without the entropy backup y drops its alpha log pi term. Draws use the
+    update's key convention; the rest is NumPy."""
+    args = aca.Args(hidden_dims=(8, 8), offline_backup_entropy=backup_entropy)
     state, actor, critic, baseline = offline_state(args, seed=3)
     shift = lambda t, d: jax.tree_util.tree_map(lambda x: x + d, t)  # noqa: E731
     state = state.replace(critic_target=shift(state.critic_target, 0.05))
@@ -336,7 +338,8 @@ def test_offline_critic_loss_is_eq5_with_the_updated_temperature():
         ref.critic(ref.member(snapshot["target"], j), b["next_observations"], np.tanh(u))
         for j in range(2)
     ])  # fmt: skip
-    y = b["rewards"] + 0.99 * (1 - b["terminals"]) * (next_q - alpha * logp)
+    bonus = -alpha * logp if backup_entropy else 0.0
+    y = b["rewards"] + 0.99 * (1 - b["terminals"]) * (next_q + bonus)
     loss = sum(
         np.mean(
             (ref.critic(ref.member(snapshot["critic"], j), b["observations"], b["actions"]) - y)
@@ -347,11 +350,13 @@ def test_offline_critic_loss_is_eq5_with_the_updated_temperature():
     assert float(metrics["critic_loss"]) == pytest.approx(loss, rel=1e-4)
 
 
-def test_online_critic_and_actor_losses_are_eq20_to_22():
+@pytest.mark.parametrize("offline_backup_entropy", [True, False])
+def test_online_critic_and_actor_losses_are_eq20_to_22(offline_backup_entropy):
     """Eq. (21)-(22): Q_j(s, a) = k CLIP(log pi_0(a|s)) + R_j(s, a), target y = r + gamma (1-d)
     [min_j R'_j(s', a') + k CLIP(log pi_0(a'|s')) - alpha log pi(a'|s')]; Eq. (20): actor loss
-    E[alpha log pi(b|s) - (min_j R_j(s, b) + k CLIP(log pi_0(b|s)))] with the updated R."""
-    args = aca.Args(hidden_dims=(8, 8), k_init=0.8)
+    E[alpha log pi(b|s) - (min_j R_j(s, b) + k CLIP(log pi_0(b|s)))] with the updated R. The
+    online target keeps its entropy term whatever --offline-backup-entropy says."""
+    args = aca.Args(hidden_dims=(8, 8), k_init=0.8, offline_backup_entropy=offline_backup_entropy)
     settings = aca.online_settings(args, "medium")
     state, actor, critic, _ = offline_state(args, seed=4)
     online = aca.create_online_state(args, state, OBS, ACT, None, jax.random.PRNGKey(0))
