@@ -149,8 +149,8 @@ def soft_reward_rows(path: pathlib.Path, episodes: int) -> list[str]:
         return np.asarray(entropy), np.asarray(q)
 
     observed, rewards, returns = [], [], []
+    env = gym.make(GYM_ENV_IDS[parse_name(run.env)[0]])  # one env, reset with each episode's seed
     for episode in range(episodes):
-        env = gym.make(GYM_ENV_IDS[parse_name(run.env)[0]])
         obs, _ = env.reset(seed=7 + episode)
         done, total = False, 0.0
         while not done:
@@ -161,6 +161,7 @@ def soft_reward_rows(path: pathlib.Path, episodes: int) -> list[str]:
             total += reward
             done = terminated or truncated
         returns.append(total)
+    env.close()
     observed, rewards = np.asarray(observed, np.float32), np.asarray(rewards)
     flipped = np.abs(observed[:, 1]) > 1.5  # root pitch (rad): on its back
     rows = np.random.default_rng(0).choice(len(data["rewards"]), PROBE_STATES, replace=False)
