@@ -86,6 +86,30 @@ def probe(actor, critic, params, obs, actions, key):
     }
 
 
+def offline_template(run, obs_dim: int, action_dim: int, frozen_alpha: bool = False):
+    """(actor, critic, baseline, offline state to load a checkpoint into) of an aca.py run;
+    frozen_alpha: with the temperature frozen as a fixed-alpha branch saves it."""
+    import aca
+
+    from common.networks import Critic, TanhGaussianPolicy, ValueNet
+
+    actor = TanhGaussianPolicy(action_dim, run.hidden_dims)
+    critic, baseline = Critic(run.hidden_dims), ValueNet(run.hidden_dims)
+    template = aca.create_offline_state(
+        run, actor, critic, baseline, obs_dim, action_dim, jax.random.PRNGKey(0)
+    )
+    return actor, critic, baseline, freeze_temperature(template) if frozen_alpha else template
+
+
+def freeze_temperature(state, log_alpha=None):
+    """Eq. (6) off: the temperature keeps its value (or is set to exp(log_alpha))."""
+    frozen = optax.set_to_zero()
+    params = state.log_alpha.params if log_alpha is None else {"v": log_alpha}
+    return state.replace(
+        log_alpha=state.log_alpha.replace(params=params, tx=frozen, opt_state=frozen.init(params))
+    )
+
+
 def branch_template(checkpoint: pathlib.Path):
     """(run args, branch settings or None) of a run's or a branch's checkpoint."""
     config = json.loads((checkpoint.parent / "config.json").read_text())
@@ -122,21 +146,12 @@ def soft_reward_rows(path: pathlib.Path, episodes: int) -> list[str]:
 
     from common.d4rl import GYM_ENV_IDS, parse_name
     from common.datasets import load_d4rl
-    from common.networks import Critic, TanhGaussianPolicy, ValueNet
 
     run, settings = branch_template(path)
     data = load_d4rl(run.env, allow_generate=False).transitions
     obs_dim, action_dim = data["observations"].shape[1], data["actions"].shape[1]
-    actor = TanhGaussianPolicy(action_dim, run.hidden_dims)
-    critic, baseline = Critic(run.hidden_dims), ValueNet(run.hidden_dims)
-    template = aca.create_offline_state(
-        run, actor, critic, baseline, obs_dim, action_dim, jax.random.PRNGKey(0)
-    )
-    if settings and settings["variant"] == "fixed-alpha":  # saved with a frozen temperature
-        frozen = optax.set_to_zero()
-        params = template.log_alpha.params
-        template = template.replace(log_alpha=template.log_alpha.replace(
-            tx=frozen, opt_state=frozen.init(params)))  # fmt: skip
+    frozen = bool(settings) and settings["variant"] == "fixed-alpha"
+    actor, critic, _, template = offline_template(run, obs_dim, action_dim, frozen)
     state, progress = load_checkpoint(path, template)
     alpha = float(jnp.exp(state.log_alpha.params["v"]))
     policy = jax.jit(lambda o: actor.apply(state.actor.params, o))
@@ -221,7 +236,6 @@ def branch(args) -> None:
 
     from common.datasets import TRANSITION_KEYS, load_d4rl
     from common.evaluation import evaluate
-    from common.networks import Critic, TanhGaussianPolicy, ValueNet
 
     checkpoint = pathlib.Path(args.checkpoint)
     meta = read_checkpoint_metadata(checkpoint)
@@ -236,13 +250,12 @@ def branch(args) -> None:
     data = load_d4rl(run.env, allow_generate=False)
     offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
     obs_dim, action_dim = offline["observations"].shape[1], offline["actions"].shape[1]
-    actor = TanhGaussianPolicy(action_dim, run.hidden_dims)
-    critic, baseline = Critic(run.hidden_dims), ValueNet(run.hidden_dims)
-    template = aca.create_offline_state(
-        run, actor, critic, baseline, obs_dim, action_dim, jax.random.PRNGKey(0)
-    )
     resume = out / "checkpoint.npz"
     resuming = resume.exists()
+    fixed_alpha = args.variant == "fixed-alpha"  # a resumed fixed-alpha branch saved it frozen
+    actor, critic, baseline, template = offline_template(
+        run, obs_dim, action_dim, frozen_alpha=fixed_alpha and resuming
+    )
     state, progress = load_checkpoint(resume if resuming else checkpoint, template)
     start = progress["offline_step"]
     if resuming:  # drop what was logged after the checkpoint: it is about to be redone
@@ -256,16 +269,10 @@ def branch(args) -> None:
                     "ml_weight": run.ml_weight, "ml_weight_changed": args.ml_weight is not None,
                     "branched_at": start, "env": run.env}  # fmt: skip
         atomic_write_text(out / "config.json", json.dumps(settings, indent=2))
-    if args.variant == "fixed-alpha":  # Eq. (6) off: the temperature keeps its value
-        frozen = optax.set_to_zero()
-        params = state.log_alpha.params  # a resumed branch saved its frozen value
-        if args.alpha is not None and not resuming:
-            params = {"v": jnp.log(jnp.float32(args.alpha))}  # log 0 = -inf: alpha = 0 exactly
-        state = state.replace(
-            log_alpha=state.log_alpha.replace(
-                params=params, tx=frozen, opt_state=frozen.init(params)
-            )
-        )
+    if fixed_alpha and not resuming:  # Eq. (6) off from here: at its value, or at --alpha
+        # log 0 = -inf: --alpha 0 gives alpha = 0 exactly
+        log_alpha = None if args.alpha is None else jnp.log(jnp.float32(args.alpha))
+        state = freeze_temperature(state, log_alpha)
     chunk = aca.make_offline_chunk(run, actor, critic, baseline, action_dim)  # the run's own loop
 
     num = offline["rewards"].shape[0]

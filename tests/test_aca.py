@@ -415,7 +415,8 @@ def test_online_critic_and_actor_losses_are_eq20_to_22(offline_backup_entropy):
 
 def test_sacml_divergence_branches_continue_the_run_exactly(tiny_root, tmp_path):
     """benchmarks.sacml_divergence: the control branch reproduces the run it starts from (same
-    metrics, bit for bit) and fixed-alpha holds the temperature at its checkpoint value."""
+    metrics, bit for bit) and fixed-alpha holds the temperature at its checkpoint value, also
+    after resuming from its own checkpoint."""
     import shutil
     import subprocess
 
@@ -425,11 +426,11 @@ def test_sacml_divergence_branches_continue_the_run_exactly(tiny_root, tmp_path)
     shutil.copytree(run_dir, saved)  # the mid-pretraining checkpoint (step 200)
     run(run_dir, tiny_root, *flags, "--resume")  # the run itself, on to step 400
 
-    def branch(variant):
+    def branch(variant, steps=200):
         out = tmp_path / variant
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.sacml_divergence", "--checkpoint",
-             str(saved / "checkpoint.npz"), "--variant", variant, "--steps", "200",
+             str(saved / "checkpoint.npz"), "--variant", variant, "--steps", str(steps),
              "--eval-every", "200", "--out", str(out)],
             cwd=REPO, capture_output=True, text=True,
             env={**os.environ, "MINARI_DATASETS_PATH": str(tiny_root)},
@@ -456,3 +457,6 @@ def test_sacml_divergence_branches_continue_the_run_exactly(tiny_root, tmp_path)
         alpha = float(np.exp(ckpt[".log_alpha.params['v']"]))
     assert [r["train/alpha"] for r in fixed] == pytest.approx([alpha, alpha], rel=1e-6)
     assert control[0]["train/alpha"] != pytest.approx(alpha, rel=1e-6)  # it does move
+    resumed = branch("fixed-alpha", steps=400)  # resumes its own (frozen) checkpoint at 400
+    assert [r["step"] for r in resumed] == [300, 400, 500, 600]
+    assert [r["train/alpha"] for r in resumed] == pytest.approx([alpha] * 4, rel=1e-6)
