@@ -17,7 +17,14 @@ from conftest import REPO
 
 from benchmarks import report, sweep
 
-SUITES = ["aca_table2", "bred_fig3", "off2on_fig3", "td3c_dual", "td3c_table1"]
+SUITES = [
+    "aca_no_entropy_backup",
+    "aca_table2",
+    "bred_fig3",
+    "off2on_fig3",
+    "td3c_dual",
+    "td3c_table1",
+]
 
 # A custom suite (O2O_SUITES_DIR) whose fine-tuning jobs run long enough to be killed midway:
 # 2000 online steps, a checkpoint every 100.
@@ -70,6 +77,35 @@ def test_every_suite_loads_with_three_budgets_and_expands_to_shared_pretraining(
             parent = pretrain[job.after]
             assert (parent.dataset, parent.seed) == (job.dataset, job.seed)
             assert job.argv[-1] == str(parent.run_dir / "offline.npz")
+
+
+def test_every_suite_job_parses_with_its_script_flags(tmp_path):
+    """A misspelt or removed flag in a suite fails here, not after hours of pretraining; and the
+    study suite aca_no_entropy_backup drops the entropy backup in its shared pretraining."""
+    import importlib
+
+    import tyro
+
+    sys.path.insert(0, str(REPO / "algorithms"))
+
+    parsed = {}
+    for name in SUITES:
+        suite = sweep.load_suite(name)
+        for budget in ("smoke", "cpu", "paper"):
+            for job in sweep.expand(suite, suite.budget(budget), tmp_path):
+                # the job's own suite: bred_fig3 lists off2on_fig3's pretraining jobs
+                script = sweep.load_suite(job.suite).script
+                module = importlib.import_module(script.removesuffix(".py"))
+                argv = list(job.argv)
+                if "--offline-checkpoint" in argv:  # the path is checked when the run starts
+                    at = argv.index("--offline-checkpoint")
+                    del argv[at : at + 2]
+                parsed[(job.suite, budget, job.key)] = tyro.cli(module.Args, args=argv)
+    for (name, budget, key), args in parsed.items():
+        if name == "aca_no_entropy_backup":
+            assert args.offline_backup_entropy is False, (budget, key)
+        elif name == "aca_table2":
+            assert args.offline_backup_entropy is True, (budget, key)
 
 
 def _flags(argv) -> dict:
@@ -139,7 +175,10 @@ def test_unknown_suite_and_dataset_fail_with_one_line_errors():
         [sys.executable, "-m", "benchmarks.run", "nope", "--budget", "smoke"],
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
-    assert proc.returncode == 2 and "unknown suite 'nope'; known: aca_table2" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "unknown suite 'nope'; known: aca_no_entropy_backup, aca_table2" in proc.stderr
+    )
     with pytest.raises(sweep.SweepError, match="not in suite td3c_table1"):
         suite = sweep.load_suite("td3c_table1")
         sweep.expand(suite, suite.budget("cpu"), datasets=["hopper-expert-v2"])
