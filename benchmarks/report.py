@@ -218,7 +218,7 @@ def plot_curves(runs: list[dict], suite, refs: dict, out: pathlib.Path) -> list[
             steps, values = align_seeds(curves)
             mean, std = values.mean(0), values.std(0, ddof=1 if len(values) > 1 else 0)
             color = f"C{i}"
-            ax.plot(steps, mean, color=color, label=f"{variant.name} ({len(curves)} seeds)")
+            ax.plot(steps, mean, color=color, label=f"{variant.name} ({n_seeds(len(curves))})")
             ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
             ref = refs.get((variant.paper, dataset))
             if ref:
@@ -233,6 +233,11 @@ def plot_curves(runs: list[dict], suite, refs: dict, out: pathlib.Path) -> list[
         plt.close(fig)
         written.append(path.name)
     return written
+
+
+def n_seeds(n: int) -> str:
+    """A legend's seed count: "1 seed", "3 seeds"."""
+    return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
 def seed_band(traces: list[list]) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
@@ -270,7 +275,7 @@ def plot_diagnostics(runs: list[dict], suite, out: pathlib.Path) -> list[str]:
                 if not traces:
                     continue
                 steps, mean, lowest, highest = seed_band(traces)
-                label = f"{variant.name} ({len(traces)} seeds)"
+                label = f"{variant.name} ({n_seeds(len(traces))})"
                 ax.plot(steps, mean, color=f"C{i}", label=label)
                 if len(traces) > 1:
                     ax.fill_between(steps, lowest, highest, color=f"C{i}", alpha=0.2, lw=0)

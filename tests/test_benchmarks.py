@@ -654,3 +654,9 @@ def test_the_runner_prepares_datasets_without_loading_jax_itself(tmp_path):
     ).stdout.split()  # fmt: skip
     assert out[-2:] == [str(tmp_path / "tiny_datasets" / "300"), "False"]
     assert (tmp_path / "tiny_datasets" / "300" / "o2o" / "hopper" / "medium-v0").is_dir()
+
+
+def test_legends_count_seeds_in_words():
+    from benchmarks import report
+
+    assert [report.n_seeds(n) for n in (1, 2, 3)] == ["1 seed", "2 seeds", "3 seeds"]
