@@ -18,7 +18,10 @@ dataset), `aggregate.csv`, `curves.csv` (every evaluation of every run: variant,
 online step, score; step 0 is the pretrained policy) and `curves/<dataset>.png` under
 `benchmarks/results/<suite>/<budget>/` (or `--out`). A suite's `diagnostics` (logged online
 scalars, e.g. off2on's offline fraction of the RL batches and Q-ensemble AUROC, Fig. 4a-b) are
-added as `diagnostics.csv` and `curves/<dataset>_diagnostics.png`.
+added as `diagnostics.csv` and `curves/<dataset>_diagnostics.png`. A suite's `claims` (the
+papers' claims in words, e.g. "TD3 collapses early and TD3-C does not") are checked on every run,
+with the thresholds below, and reported per dataset as "shows on k of n seeds" with each seed's
+numbers (`claims.csv`: one row per claim, dataset and seed).
 """
 
 import argparse
@@ -79,12 +82,14 @@ def read_run_dir(run_dir: pathlib.Path, diagnostics: tuple[str, ...] = ()) -> di
     curve = [(0, before)] + sorted(by_step.items())
     online = [(s, v) for s, v in curve if s > 0]
     early = [v for s, v in online if s <= 0.1 * online_steps] or [v for _, v in online[:1]]
+    late = [v for s, v in online if s >= 0.9 * online_steps] or [v for _, v in online[-1:]]
     return {
         "dataset_id": summary.get("dataset", ""),  # the Minari id the run loaded
         "pretrained": before,
         "finetuned": after,
         "delta": after - before,
         "early_min": min(early) if early else math.nan,
+        "late_mean": float(np.mean(late)) if late else math.nan,
         "online_steps": online_steps,
         "curve": curve,
         "traces": {key: sorted(t.items()) for key, t in traces.items()},
@@ -309,6 +314,92 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+# The claims' thresholds, in D4RL normalized points (sweep.CLAIM_KINDS says what each kind means).
+COLLAPSE_FRACTION = 0.5  # collapsed: the lowest early evaluation is below half the start
+FLAT_BAND = 10.0  # flat: the late mean within +-10 points of the start; improves: above +10
+TESTABLE_START = 10.0  # below this start, a collapse cannot be told from the start
+
+
+def check_claim(claim, run: dict, other: dict | None = None) -> tuple[bool | None, str]:
+    """Whether one run shows `claim` (None: not testable on it) and the numbers that say so."""
+    start, early, late = run["pretrained"], run["early_min"], run["late_mean"]
+    if claim.kind in ("collapses", "holds"):
+        if start < TESTABLE_START:
+            return None, f"start {start:.1f} < {TESTABLE_START:.0f}"
+        collapsed = early < COLLAPSE_FRACTION * start
+        return collapsed == (claim.kind == "collapses"), f"{start:.1f} ↓ {early:.1f}"
+    if claim.kind in ("flat", "improves"):
+        change = late - start
+        shows = abs(change) <= FLAT_BAND if claim.kind == "flat" else change > FLAT_BAND
+        return shows, f"{start:.1f} → {late:.1f}"
+    if other is None:  # beats, and the other variant has not finished this seed
+        return None, f"{late:.1f} vs —"
+    return late > other["late_mean"], f"{late:.1f} vs {other['late_mean']:.1f}"
+
+
+def claim_rows(suite, runs: list[dict], datasets: list[str]) -> list[dict]:
+    """One row per (claim, dataset, seed) with a finished run of the claim's variant."""
+    by_key = {(r["variant"], r["dataset"], r["seed"]): r for r in runs}
+    rows = []
+    for claim in suite.claims:
+        for dataset in datasets:
+            seeds = sorted(s for v, d, s in by_key if v == claim.variant and d == dataset)
+            for seed in seeds:
+                run = by_key[(claim.variant, dataset, seed)]
+                other = by_key.get((claim.than, dataset, seed)) if claim.than else None
+                shows, numbers = check_claim(claim, run, other)
+                rows.append(
+                    {"claim": claim.text, "kind": claim.kind, "variant": claim.variant,
+                     "than": claim.than or "", "dataset": dataset, "seed": seed,
+                     "shows": "" if shows is None else shows, "numbers": numbers,
+                     "pretrained": run["pretrained"], "lowest_early": run["early_min"],
+                     "late_mean": round(run["late_mean"], 3),
+                     "other_late_mean": round(other["late_mean"], 3) if other else ""}
+                )  # fmt: skip
+    return rows
+
+
+def claims_section(suite, rows: list[dict], datasets: list[str], refs: dict) -> list[str]:
+    """The report's per-claim, per-dataset table: on how many seeds each claim shows, each seed's
+    numbers, and the paper's offline -> online for the claim's variant."""
+    lines = [
+        "## The papers' claims, per dataset",
+        "",
+        f"Per run: *collapses* / *does not collapse*: the lowest evaluation in the first 10% of "
+        f"fine-tuning is below / at least {COLLAPSE_FRACTION:g} x the pretrained score (numbers: "
+        f"pretrained ↓ lowest early; not testable from a pretrained score below "
+        f"{TESTABLE_START:g}); *flat* / *improves*: the mean of the evaluations in the last 10% of "
+        f"fine-tuning is within / more than {FLAT_BAND:g} points above the pretrained score "
+        f"(numbers: pretrained → late mean); *beats*: its late mean is above the other variant's "
+        "on the same seed (numbers: the two late means). *paper*: the claim's variant in the "
+        "paper's table, offline → online.",
+        "",
+        "| claim | dataset | shows on | per seed | paper |",
+        "|---|---|---|---|---|",
+    ]
+    paper_names = {v.name: v.paper for v in suite.variants}
+    for claim in suite.claims:
+        for dataset in datasets:
+            mine = [r for r in rows if r["claim"] == claim.text and r["dataset"] == dataset]
+            if not mine:
+                continue
+            tested = [r for r in mine if r["shows"] != ""]
+            shown = sum(bool(r["shows"]) for r in tested)
+            verdict = (
+                f"{shown} of {len(tested)} {'seed' if len(tested) == 1 else 'seeds'}"
+                if tested
+                else "not testable"
+            )
+            per_seed = "; ".join(
+                f"seed {r['seed']}: {r['numbers']}"
+                + ("" if r["shows"] == "" else " yes" if r["shows"] else " no")
+                for r in mine
+            )
+            paper = paper_cell(refs.get((paper_names[claim.variant], dataset)))
+            lines.append(f"| {claim.text} | {dataset} | {verdict} | {per_seed} | {paper} |")
+    return lines
+
+
 def report(
     suite_name: str,
     budget_name: str,
@@ -385,6 +476,9 @@ def report(
                  "iqm_final": round(point, 2), "ci_low": round(low, 2), "ci_high": round(high, 2)}
             )  # fmt: skip
     write_csv(out / "aggregate.csv", aggregate_rows)
+    claims = claim_rows(suite, runs, datasets)
+    if suite.claims:
+        write_csv(out / "claims.csv", claims)
     pngs = plot_curves(runs, suite, refs, out / "curves")
     if suite.diagnostics:
         write_csv(
@@ -439,6 +533,8 @@ def report(
         ]
     else:
         lines.append("No variant has every seed of any dataset finished yet.")
+    if claims:
+        lines += ["", *claims_section(suite, claims, datasets, refs)]
     if pngs:
         lines += ["", "## Learning curves", ""]
         lines += [f"![{p[:-4]}](curves/{p})" for p in pngs]

@@ -53,6 +53,21 @@ class Variant:
     paper: str | None  # the method's name in the reference CSV, if the paper reports it
 
 
+# What a claim asserts of one run (the report's "claims" section; thresholds in report.py):
+# collapses / holds: its lowest early evaluation falls below / stays at or above half its start;
+# flat / improves: its mean over the last 10% of fine-tuning is within / more than 10 points of
+# its start; beats: that mean is above the `than` variant's on the same dataset and seed.
+CLAIM_KINDS = ("collapses", "holds", "flat", "improves", "beats")
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    text: str  # the paper's claim in words, e.g. "TD3 collapses early"
+    variant: str
+    kind: str  # one of CLAIM_KINDS
+    than: str | None = None  # the other variant, for "beats"
+
+
 @dataclasses.dataclass(frozen=True)
 class Suite:
     name: str
@@ -67,6 +82,7 @@ class Suite:
     # Fine-tune from another suite's pretraining jobs (same dataset, seed and budget) instead of
     # pretraining again: BRED's offline phase is off2on's CQL ensemble, same code (tested).
     pretraining_from: str | None = None
+    claims: tuple[Claim, ...] = ()  # the papers' claims the report checks per dataset and seed
 
     def budget(self, name: str) -> Budget:
         if name not in self.budgets:
@@ -113,6 +129,27 @@ def load_suite(name: str) -> Suite:
     variants = tuple(
         Variant(name, tuple(v["args"]), v.get("paper")) for name, v in raw["variants"].items()
     )
+    claims = []
+    for c in raw.get("claims", ()):
+        missing = [key for key in ("text", "variant", "kind") if key not in c]
+        if missing:
+            raise SweepError(f"{path.name}: a [[claims]] entry lacks {missing}")
+        claim = Claim(c["text"], c["variant"], c["kind"], c.get("than"))
+        if claim.kind not in CLAIM_KINDS:
+            raise SweepError(
+                f"{path.name}: claim {claim.text!r} has kind {claim.kind!r}; known: {CLAIM_KINDS}"
+            )
+        unknown = [v for v in (claim.variant, claim.than) if v and v not in raw["variants"]]
+        if unknown:
+            raise SweepError(
+                f"{path.name}: claim {claim.text!r} names variants outside the suite: {unknown}"
+            )
+        if (claim.kind == "beats") != (claim.than is not None):
+            raise SweepError(
+                f"{path.name}: claim {claim.text!r}: give `than` (the variant it beats) exactly "
+                "when its kind is 'beats'"
+            )
+        claims.append(claim)
     return Suite(
         name=name,
         title=raw["title"],
@@ -124,6 +161,7 @@ def load_suite(name: str) -> Suite:
         budgets=budgets,
         diagnostics=tuple(raw.get("diagnostics", ())),
         pretraining_from=raw.get("pretraining_from"),
+        claims=tuple(claims),
     )
 
 

@@ -660,3 +660,95 @@ def test_legends_count_seeds_in_words():
     from benchmarks import report
 
     assert [report.n_seeds(n) for n in (1, 2, 3)] == ["1 seed", "2 seeds", "3 seeds"]
+
+
+def test_each_claim_kind_by_its_threshold():
+    """The report's claim rules, at their boundaries: a collapse is a lowest early score below
+    half the start, flat is a late mean within 10 points of it, improves is more than 10 above."""
+
+    def claim(kind, than=None):
+        return sweep.Claim("c", "a", kind, than)
+
+    def run(start, early, late):
+        return {"pretrained": start, "early_min": early, "late_mean": late}
+
+    assert report.check_claim(claim("collapses"), run(40.0, 19.9, 0.0))[0] is True
+    assert report.check_claim(claim("collapses"), run(40.0, 20.0, 0.0))[0] is False
+    assert report.check_claim(claim("holds"), run(40.0, 20.0, 0.0)) == (True, "40.0 ↓ 20.0")
+    assert report.check_claim(claim("holds"), run(40.0, 19.9, 0.0))[0] is False
+    # from a start below 10 a collapse cannot be told from the start
+    assert report.check_claim(claim("holds"), run(9.9, 9.9, 0.0))[0] is None
+    assert report.check_claim(claim("flat"), run(40.0, 0.0, 30.0)) == (True, "40.0 → 30.0")
+    assert report.check_claim(claim("flat"), run(40.0, 0.0, 50.1))[0] is False
+    assert report.check_claim(claim("improves"), run(40.0, 0.0, 50.0))[0] is False
+    assert report.check_claim(claim("improves"), run(40.0, 0.0, 50.1))[0] is True
+    beats = claim("beats", "b")
+    assert report.check_claim(beats, run(40.0, 0.0, 60.0), run(40.0, 0.0, 59.0))[0] is True
+    assert report.check_claim(beats, run(40.0, 0.0, 60.0), run(40.0, 0.0, 61.0))[0] is False
+    assert report.check_claim(beats, run(40.0, 0.0, 60.0), None)[0] is None
+
+
+CLAIMS_SUITE = (
+    TINY_SUITE.replace(
+        "[budgets.smoke]",
+        """[[claims]]
+text = "td3 collapses early"
+variant = "td3"
+kind = "collapses"
+
+[[claims]]
+text = "td3c beats td3"
+variant = "td3c"
+kind = "beats"
+than = "td3"
+
+[budgets.smoke]""",
+    )
+    .replace("seeds = [0]\ntiny", "seeds = [0, 1]\ntiny")
+    .replace('diagnostics = ["online/critic_loss"]\n', "")
+)
+
+
+def test_report_checks_the_suites_claims_per_dataset_and_seed(tmp_path, monkeypatch):
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "claims.toml").write_text(CLAIMS_SUITE)
+    monkeypatch.setenv("O2O_SUITES_DIR", str(tmp_path / "suites"))
+    suite = sweep.load_suite("claims")
+    jobs = {j.key: j for j in sweep.expand(suite, suite.budget("smoke"), tmp_path / "runs")}
+    # online budget 1000: evaluations at >= 900 are the last 10%, at <= 100 the first
+    curves = {
+        "seed0/td3": [(100, 10.0), (500, 60.0), (900, 70.0), (1000, 80.0)],  # collapses
+        "seed1/td3": [(100, 30.0), (500, 60.0), (900, 90.0), (1000, 100.0)],  # does not
+        "seed0/td3c": [(100, 45.0), (900, 76.0), (1000, 76.0)],  # 76 > (70 + 80) / 2
+        # seed 1's td3c has not finished
+    }
+    for key, curve in curves.items():
+        _fake_run(jobs[f"hopper-medium-v2/{key}"].run_dir, curve, [], before=50.0)
+    out, _ = report.report("claims", "smoke", tmp_path / "runs", tmp_path / "report")
+    with open(out / "claims.csv") as f:
+        rows = [(r["claim"], r["seed"], r["shows"], r["late_mean"]) for r in csv.DictReader(f)]
+    assert rows == [
+        ("td3 collapses early", "0", "True", "75.0"),
+        ("td3 collapses early", "1", "False", "95.0"),
+        ("td3c beats td3", "0", "True", "76.0"),
+    ]
+    text = (out / "report.md").read_text()
+    assert (
+        "| td3 collapses early | hopper-medium-v2 | 1 of 2 seeds | seed 0: 50.0 ↓ 10.0 yes;" in text
+    )
+    assert "| td3c beats td3 | hopper-medium-v2 | 1 of 1 seed | seed 0: 76.0 vs 75.0 yes |" in text
+
+
+def test_a_claim_naming_an_unknown_variant_or_kind_is_a_one_line_error(tmp_path, monkeypatch):
+    (tmp_path / "suites").mkdir()
+    monkeypatch.setenv("O2O_SUITES_DIR", str(tmp_path / "suites"))
+    for bad, words in (
+        (CLAIMS_SUITE.replace('kind = "collapses"', 'kind = "collapse"'), "has kind 'collapse'"),
+        (CLAIMS_SUITE.replace('than = "td3"', 'than = "sac"'), r"outside the suite: \['sac'\]"),
+        (CLAIMS_SUITE.replace('than = "td3"\n', ""), "exactly when its kind is 'beats'"),
+        (CLAIMS_SUITE.replace('variant = "td3c"\n', ""), r"lacks \['variant'\]"),
+    ):
+        (tmp_path / "suites" / "bad.toml").write_text(bad)
+        with pytest.raises(sweep.SweepError, match=words) as err:
+            sweep.load_suite("bad")
+        assert "\n" not in str(err.value)
