@@ -323,6 +323,9 @@ TESTABLE_START = 10.0  # below this start, a collapse cannot be told from the st
 def check_claim(claim, run: dict, other: dict | None = None) -> tuple[bool | None, str]:
     """Whether one run shows `claim` (None: not testable on it) and the numbers that say so."""
     start, early, late = run["pretrained"], run["early_min"], run["late_mean"]
+    needed = (start, early) if claim.kind in ("collapses", "holds") else (start, late)
+    if any(math.isnan(x) for x in needed):  # a run without online evaluations
+        return None, "no evaluation"
     if claim.kind in ("collapses", "holds"):
         if start < TESTABLE_START:
             return None, f"start {start:.1f} < {TESTABLE_START:.0f}"
@@ -332,7 +335,7 @@ def check_claim(claim, run: dict, other: dict | None = None) -> tuple[bool | Non
         change = late - start
         shows = abs(change) <= FLAT_BAND if claim.kind == "flat" else change > FLAT_BAND
         return shows, f"{start:.1f} → {late:.1f}"
-    if other is None:  # beats, and the other variant has not finished this seed
+    if other is None or math.isnan(other["late_mean"]):  # beats: the other has not finished
         return None, f"{late:.1f} vs —"
     return late > other["late_mean"], f"{late:.1f} vs {other['late_mean']:.1f}"
 
@@ -455,8 +458,11 @@ def report(
         ],
     )  # fmt: skip
 
+    # rliable's IQM takes a [runs, tasks] matrix, so a dataset enters a variant's IQM only with
+    # every requested seed finished; the report names the datasets left out.
     aggregate_rows = []
     scores = {}
+    left_out = []  # (variant, dataset, seeds missing)
     for variant in suite.variants:
         complete = []
         for dataset in datasets:
@@ -465,7 +471,10 @@ def report(
                 for r in runs
                 if r["variant"] == variant.name and r["dataset"] == dataset
             }
-            if all(s in by_seed for s in seeds):
+            missing = [s for s in seeds if s not in by_seed]
+            if missing:
+                left_out.append((variant.name, dataset, missing))
+            else:
                 complete.append([by_seed[s] for s in seeds])
         if complete:
             scores[variant.name] = np.array(complete).T  # [seeds, datasets]
@@ -533,6 +542,18 @@ def report(
         ]
     else:
         lines.append("No variant has every seed of any dataset finished yet.")
+    if aggregate_rows and left_out:
+        lines += [
+            "",
+            "Left out of the IQM (a dataset enters a variant's IQM only with every seed "
+            "finished): "
+            + "; ".join(
+                f"{v} on {d} (seed{'s' if len(m) > 1 else ''} {', '.join(map(str, m))} "
+                "not finished)"
+                for v, d, m in left_out
+            )
+            + ".",
+        ]
     if claims:
         lines += ["", *claims_section(suite, claims, datasets, refs)]
     if pngs:

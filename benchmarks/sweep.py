@@ -53,10 +53,10 @@ class Variant:
     paper: str | None  # the method's name in the reference CSV, if the paper reports it
 
 
-# What a claim asserts of one run (the report's "claims" section; thresholds in report.py):
-# collapses / holds: its lowest early evaluation falls below / stays at or above half its start;
-# flat / improves: its mean over the last 10% of fine-tuning is within / more than 10 points of
-# its start; beats: that mean is above the `than` variant's on the same dataset and seed.
+# What a claim asserts of one run, checked by the report's "claims" section: collapses / holds
+# (its lowest early evaluation against its start), flat / improves (its late mean against its
+# start), beats (its late mean against the `than` variant's on the same dataset and seed). The
+# thresholds are report.py's COLLAPSE_FRACTION, FLAT_BAND and TESTABLE_START, stated only there.
 CLAIM_KINDS = ("collapses", "holds", "flat", "improves", "beats")
 
 

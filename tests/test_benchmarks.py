@@ -686,6 +686,11 @@ def test_each_claim_kind_by_its_threshold():
     assert report.check_claim(beats, run(40.0, 0.0, 60.0), run(40.0, 0.0, 59.0))[0] is True
     assert report.check_claim(beats, run(40.0, 0.0, 60.0), run(40.0, 0.0, 61.0))[0] is False
     assert report.check_claim(beats, run(40.0, 0.0, 60.0), None)[0] is None
+    # a run without online evaluations (NaN lowest-early and late mean) tests nothing
+    nan = float("nan")
+    for kind in ("collapses", "holds", "flat", "improves"):
+        assert report.check_claim(claim(kind), run(40.0, nan, nan)) == (None, "no evaluation")
+    assert report.check_claim(beats, run(40.0, 0.0, 60.0), run(40.0, nan, nan))[0] is None
 
 
 CLAIMS_SUITE = (
@@ -737,6 +742,10 @@ def test_report_checks_the_suites_claims_per_dataset_and_seed(tmp_path, monkeypa
         "| td3 collapses early | hopper-medium-v2 | 1 of 2 seeds | seed 0: 50.0 ↓ 10.0 yes;" in text
     )
     assert "| td3c beats td3 | hopper-medium-v2 | 1 of 1 seed | seed 0: 76.0 vs 75.0 yes |" in text
+    # td3 has both seeds and enters the IQM; td3c lacks seed 1, and the report says so
+    with open(out / "aggregate.csv") as f:
+        assert [(r["variant"], r["runs"]) for r in csv.DictReader(f)] == [("td3", "2")]
+    assert "td3c on hopper-medium-v2 (seed 1 not finished)." in text
 
 
 def test_a_claim_naming_an_unknown_variant_or_kind_is_a_one_line_error(tmp_path, monkeypatch):
