@@ -618,6 +618,12 @@ class OnlineState:
     env_steps: jax.Array
 
 
+# Online updates per compiled call: an epoch's updates (10x longer in the first) run in chunks
+# so the progress bar moves every few seconds on a CPU; on an accelerator a call's overhead is
+# still small next to 100 N=5 updates.
+UPDATES_PER_CALL = 100
+
+
 def make_online_update(args: Args, actor, critic, action_dim: int):
     target_entropy = -float(action_dim)
     independent = args.no_distill or args.ensemble_size == 1
@@ -721,11 +727,16 @@ def make_online_update(args: Args, actor, critic, action_dim: int):
         )
         return state, metrics
 
-    def insert_and_train(state: OnlineState, offline: dict, transitions: dict, num_updates):
-        """Add one epoch of online transitions, then `num_updates` updates in one compiled loop
-        (a traced count: the longer first epoch compiles no second program)."""
+    def insert(state: OnlineState, transitions: dict):
+        """Add one epoch of online transitions. Returns the state and the key of the epoch's
+        updates."""
         key, loop_key = jax.random.split(state.key)
-        state = state.replace(online=state.online.add_batch(transitions), key=key)
+        return state.replace(online=state.online.add_batch(transitions), key=key), loop_key
+
+    def train(state: OnlineState, offline: dict, loop_key, first, last):
+        """Updates first..last-1 of an epoch (update i draws fold_in(loop_key, i)) in one
+        compiled loop; the bounds are traced, so every chunk and the longer first epoch share one
+        program. Returns the state and the updates' summed metrics."""
         _, zero_metrics = jax.eval_shape(update, state, offline, loop_key)
         zero_metrics = jax.tree_util.tree_map(lambda m: jnp.zeros(m.shape, m.dtype), zero_metrics)
 
@@ -734,10 +745,28 @@ def make_online_update(args: Args, actor, critic, action_dim: int):
             state, metrics = update(state, offline, jax.random.fold_in(loop_key, i))
             return state, jax.tree_util.tree_map(jnp.add, totals, metrics)
 
-        state, totals = jax.lax.fori_loop(0, num_updates, body, (state, zero_metrics))
+        return jax.lax.fori_loop(first, last, body, (state, zero_metrics))
+
+    insert, train = jax.jit(insert, donate_argnums=0), jax.jit(train, donate_argnums=0)
+
+    def insert_and_train(state, offline: dict, transitions: dict, num_updates, on_progress=None):
+        """One epoch: add its transitions, then `num_updates` updates, UPDATES_PER_CALL per
+        compiled call so that a progress bar moves between calls (`on_progress(n)` after each,
+        once its updates are done); the split does not change the updates. Returns the state
+        and the updates' mean metrics."""
+        num_updates = int(num_updates)
+        state, loop_key = insert(state, transitions)
+        totals = None
+        for first in range(0, num_updates, UPDATES_PER_CALL):
+            last = min(first + UPDATES_PER_CALL, num_updates)
+            state, sums = train(state, offline, loop_key, jnp.int32(first), jnp.int32(last))
+            totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+            if on_progress is not None:
+                jax.block_until_ready(sums)
+                on_progress(last - first)
         return state, jax.tree_util.tree_map(lambda t: t / num_updates, totals)
 
-    return jax.jit(insert_and_train, donate_argnums=0), policy_dist
+    return insert_and_train, policy_dist
 
 
 def create_online_state(args, members: CQLMember, policy_params, obs_dim, action_dim, key):
@@ -867,10 +896,15 @@ def main(args: Args) -> dict:
 
     epochs = args.online_steps // args.steps_per_epoch
     first_epoch = progress["env_steps"] // args.steps_per_epoch
-    # Counted in env steps (updated as they are taken), so the bar moves within seconds.
+
+    def updates_in(epoch):  # the first epoch takes first_epoch_multiplier x the updates
+        return args.steps_per_epoch * (args.first_epoch_multiplier if epoch == 0 else 1)
+
+    # Counted in gradient updates, the online phase's cost (an epoch's 1000 env steps take a
+    # second or two; its updates minutes on a CPU), so the ETA holds from the first chunk.
     bar = lifecycle.progress_bar(
-        None, initial=first_epoch * args.steps_per_epoch, total=args.online_steps, desc="online",
-        unit="step",
+        None, initial=sum(map(updates_in, range(first_epoch))),
+        total=sum(map(updates_in, range(epochs))), desc="online updates", unit="update",
     )  # fmt: skip
     for epoch in range(first_epoch, epochs):
         env_steps = epoch * args.steps_per_epoch
@@ -888,12 +922,10 @@ def main(args: Args) -> dict:
             transitions.append(transition)
             if finished:
                 run.logger.log(global_step + t + 1, finished, prefix="train/")
-            bar.update(1)
         batch = {k: jnp.asarray(np.stack([tr[k] for tr in transitions])) for k in TRANSITION_KEYS}
-        updates = args.steps_per_epoch * (args.first_epoch_multiplier if epoch == 0 else 1)
         # Eq. (7)'s t counts the online samples collected so far (this epoch's included).
         state = state.replace(env_steps=state.env_steps + args.steps_per_epoch)
-        state, metrics = insert_and_train(state, offline, batch, jnp.int32(updates))
+        state, metrics = insert_and_train(state, offline, batch, updates_in(epoch), bar.update)
         env_steps += args.steps_per_epoch
         run.logger.log(global_step + args.steps_per_epoch, metrics, prefix="online/")
         if env_steps % args.checkpoint_every == 0 or env_steps == args.online_steps:

@@ -592,6 +592,12 @@ def create_online_state(args, members: CQLMember, offline: dict, density_ratio, 
     )
 
 
+# Online updates per compiled call: an epoch's updates (10x longer in the first) run in chunks
+# so the progress bar moves every few seconds on a CPU; on an accelerator a call's overhead is
+# still small next to 100 N=5 updates.
+UPDATES_PER_CALL = 100
+
+
 def make_online_update(args, actor, critic, density_ratio, action_dim, num_offline):
     target_entropy = -float(action_dim)
 
@@ -711,12 +717,16 @@ def make_online_update(args, actor, critic, density_ratio, action_dim, num_offli
         )
         return state, metrics
 
-    def insert_and_train(state: OnlineState, transitions: dict, num_updates):
-        """Add one epoch of online transitions (at the default priority), then `num_updates`
-        updates in one compiled loop (the count is traced: the longer first epoch does not
-        compile a second program). Returns the state and the updates' mean metrics."""
+    def insert(state: OnlineState, transitions: dict):
+        """Add one epoch of online transitions (at the default priority). Returns the state and
+        the key of the epoch's updates."""
         key, loop_key = jax.random.split(state.key)
-        state = state.replace(buffer=state.buffer.add_batch(transitions), key=key)
+        return state.replace(buffer=state.buffer.add_batch(transitions), key=key), loop_key
+
+    def train(state: OnlineState, loop_key, first, last):
+        """Updates first..last-1 of an epoch (update i draws fold_in(loop_key, i)) in one
+        compiled loop; the bounds are traced, so every chunk and the longer first epoch share one
+        program. Returns the state and the updates' summed metrics."""
         _, zero_metrics = jax.eval_shape(update, state, loop_key)
         zero_metrics = jax.tree_util.tree_map(lambda m: jnp.zeros(m.shape, m.dtype), zero_metrics)
 
@@ -725,10 +735,28 @@ def make_online_update(args, actor, critic, density_ratio, action_dim, num_offli
             state, metrics = update(state, jax.random.fold_in(loop_key, i))
             return state, jax.tree_util.tree_map(jnp.add, totals, metrics)
 
-        state, totals = jax.lax.fori_loop(0, num_updates, body, (state, zero_metrics))
+        return jax.lax.fori_loop(first, last, body, (state, zero_metrics))
+
+    insert, train = jax.jit(insert, donate_argnums=0), jax.jit(train, donate_argnums=0)
+
+    def insert_and_train(state: OnlineState, transitions: dict, num_updates, on_progress=None):
+        """One epoch: add its transitions, then `num_updates` updates, UPDATES_PER_CALL per
+        compiled call so that a progress bar moves between calls (`on_progress(n)` after each,
+        once its updates are done); the split does not change the updates. Returns the state
+        and the updates' mean metrics."""
+        num_updates = int(num_updates)
+        state, loop_key = insert(state, transitions)
+        totals = None
+        for first in range(0, num_updates, UPDATES_PER_CALL):
+            last = min(first + UPDATES_PER_CALL, num_updates)
+            state, sums = train(state, loop_key, jnp.int32(first), jnp.int32(last))
+            totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+            if on_progress is not None:
+                jax.block_until_ready(sums)
+                on_progress(last - first)
         return state, jax.tree_util.tree_map(lambda t: t / num_updates, totals)
 
-    return jax.jit(insert_and_train, donate_argnums=0)
+    return insert_and_train
 
 
 def q_auroc(critic, critic_params, obs, seen_actions, key, random_per_state: int):
@@ -832,10 +860,15 @@ def main(args: Args) -> dict:
 
     epochs = args.online_steps // args.steps_per_epoch
     first_epoch = progress["env_steps"] // args.steps_per_epoch
-    # Counted in env steps (updated as they are taken), so the bar moves within seconds.
+
+    def updates_in(epoch):  # the first epoch takes first_epoch_multiplier x the updates
+        return args.steps_per_epoch * (args.first_epoch_multiplier if epoch == 0 else 1)
+
+    # Counted in gradient updates, the online phase's cost (an epoch's 1000 env steps take a
+    # second or two; its updates minutes on a CPU), so the ETA holds from the first chunk.
     bar = lifecycle.progress_bar(
-        None, initial=first_epoch * args.steps_per_epoch, total=args.online_steps, desc="online",
-        unit="step",
+        None, initial=sum(map(updates_in, range(first_epoch))),
+        total=sum(map(updates_in, range(epochs))), desc="online updates", unit="update",
     )  # fmt: skip
     for epoch in range(first_epoch, epochs):
         env_steps = epoch * args.steps_per_epoch
@@ -852,10 +885,8 @@ def main(args: Args) -> dict:
             transitions.append(transition)
             if finished:
                 run.logger.log(global_step + t + 1, finished, prefix="train/")
-            bar.update(1)
         batch = {k: jnp.asarray(np.stack([tr[k] for tr in transitions])) for k in TRANSITION_KEYS}
-        updates = args.steps_per_epoch * (args.first_epoch_multiplier if epoch == 0 else 1)
-        state, metrics = insert_and_train(state, batch, jnp.int32(updates))
+        state, metrics = insert_and_train(state, batch, updates_in(epoch), bar.update)
         state = state.replace(env_steps=state.env_steps + args.steps_per_epoch)
         env_steps += args.steps_per_epoch
         global_step += args.steps_per_epoch

@@ -11,9 +11,9 @@ runs: `<root>/demo.{png,csv,md}`.
     python -m benchmarks.demo [--online-steps 10000] [--root runs/demo_<time>]
 
 The dataset is generated on first use (about 2 minutes). Each run shows its own progress bar,
-counted in env steps. The full comparison (3 seeds, 100k steps, uniform replay too) is the cpu
-budget of `benchmarks/suites/off2on_fig3.toml`; its report is under
-`benchmarks/results/off2on_fig3/cpu/`.
+counted in gradient updates (the online phase's cost; the first epoch runs 10x the updates).
+The full comparison (3 seeds, 100k steps, uniform replay too) is the cpu budget of
+`benchmarks/suites/off2on_fig3.toml`; its report is under `benchmarks/results/off2on_fig3/cpu/`.
 """
 
 import os

@@ -291,3 +291,23 @@ def test_independent_policies_with_pooled_replay(tiny_root, tmp_path):
     # uniform over 2000 offline + 100 (then 200) online transitions
     assert fractions[0] == pytest.approx(100 / 2100, abs=0.02)
     assert fractions[1] == pytest.approx(200 / 2200, abs=0.02)
+
+
+def test_an_epochs_updates_in_chunks_equal_one_loop_and_report_progress(monkeypatch):
+    """As in off2on_balanced: 7 updates in chunks of 3 (progress after each) leave the same
+    state and mean metrics as one call of 7 (update i draws the same key in any split)."""
+    args = bred.Args(ensemble_size=2, hidden_dims=(8, 8), batch_size=8)
+    results = {}
+    for chunk in (7, 3):
+        monkeypatch.setattr(bred, "UPDATES_PER_CALL", chunk)
+        state, train, offline, online, _ = one_row_bred(args)
+        done = []
+        new, metrics = train(state, offline, online, 7, done.append)
+        results[chunk] = (ref.np_tree(new.policy.params), ref.np_tree(new.critic.params),
+                          {k: float(v) for k, v in metrics.items()}, done)  # fmt: skip
+    (policy7, critic7, metrics7, done7), (policy3, critic3, metrics3, done3) = results.values()
+    assert done7 == [7] and done3 == [3, 3, 1]
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves((policy7, critic7)), leaves((policy3, critic3)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert metrics7 == pytest.approx(metrics3, rel=1e-5)

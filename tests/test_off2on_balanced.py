@@ -620,3 +620,26 @@ def test_offline_phase_in_progress_chunks_equals_one_scan_per_log_window():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     for name, value in whole_metrics.items():
         assert float(value) == pytest.approx(np.mean([float(m[name]) for m in means]), rel=1e-5)
+
+
+def test_an_epochs_updates_in_chunks_equal_one_loop_and_report_progress(monkeypatch):
+    """The online phase runs an epoch's updates UPDATES_PER_CALL per compiled call (so the
+    progress bar moves); update i must draw the same key in any split, so 7 updates in chunks of
+    3 (3 + 3 + 1, progress reported after each) leave the same state and mean metrics as one
+    call of 7."""
+    args = o2o.Args(ensemble_size=2, hidden_dims=(8, 8), batch_size=16, dr_batch_size=16)
+    results = {}
+    for chunk in (7, 3):
+        monkeypatch.setattr(o2o, "UPDATES_PER_CALL", chunk)
+        state, update, _, online = small_online(args)
+        done = []
+        new, metrics = update(state, online, 7, done.append)
+        results[chunk] = (ref.np_tree(new.actor.params), ref.np_tree(new.buffer.priorities),
+                          {k: float(v) for k, v in metrics.items()}, done)  # fmt: skip
+    (actor7, prio7, metrics7, done7), (actor3, prio3, metrics3, done3) = results[7], results[3]
+    assert done7 == [7] and done3 == [3, 3, 1]
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(actor7), leaves(actor3), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(prio7, prio3, rtol=1e-6)
+    assert metrics7 == pytest.approx(metrics3, rel=1e-5)
