@@ -262,18 +262,63 @@ def test_plot_curves_compares_single_runs(tmp_path, capsys):
 def test_report_says_what_was_run_and_on_which_data():
     suite = sweep.load_suite("aca_table2")
     paper, smoke = suite.budget("paper"), suite.budget("smoke")
-    runs = [{"dataset_id": "o2o/hopper/medium-v0"}, {"dataset_id": "mujoco/hopper/medium-v0"}]
+    runs = [{"dataset_id": "o2o/hopper/medium-v0", "pretrained_evaluations": 3},
+            {"dataset_id": "mujoco/hopper/medium-v0", "pretrained_evaluations": 1}]  # fmt: skip
     lines = report.provenance(suite, paper, runs, ["hopper-medium-v2"], [0, 1])
-    assert lines[0] == "Ran here: 1 of the budget's 15 datasets, 2 of its 5 seeds."
-    assert "`mujoco/hopper/medium-v0`, `o2o/hopper/medium-v0`" in lines[1]
-    assert "generated with the D4RL recipe" in lines[1]
-    # the full protocol on official data: nothing to qualify
+    assert lines[0].startswith("Start (*pretrained*, the claims' reference): on 1 of 2 runs the")
+    assert "mean of 3 evaluations" in lines[0] and "on the others the fine-tuning's" in lines[0]
+    assert lines[1] == "Ran here: 1 of the budget's 15 datasets, 2 of its 5 seeds."
+    assert "`mujoco/hopper/medium-v0`, `o2o/hopper/medium-v0`" in lines[2]
+    assert "generated with the D4RL recipe" in lines[2]
+    # the full protocol on official data, every start pooled: only those two lines
     everything = list(suite.datasets)
-    official = [{"dataset_id": "mujoco/hopper/medium-v0"}]
-    (line,) = report.provenance(suite, paper, official, everything, list(paper.seeds))
+    official = [{"dataset_id": "mujoco/hopper/medium-v0", "pretrained_evaluations": 3}]
+    start, line = report.provenance(suite, paper, official, everything, list(paper.seeds))
+    assert "on 1 of" not in start and "the mean of 3 evaluations" in start
     assert line.startswith("Datasets loaded") and "generated" not in line
-    (smoke_line,) = report.provenance(suite, smoke, runs, everything, [0])
+    start, smoke_line = report.provenance(suite, smoke, runs[1:], everything, [0])
+    assert start.endswith("the fine-tuning's first evaluation (nothing to pool it with: a "
+                          "committed checkpoint, one pretraining for every seed, or a policy its "
+                          "pretraining run did not evaluate).")  # fmt: skip
     assert "tiny random-action stand-ins" in smoke_line
+
+
+def test_the_start_pools_every_evaluation_of_the_pretrained_policy(tmp_path):
+    suite = sweep.load_suite("td3c_table1")
+    jobs = {j.key: j for j in sweep.expand(suite, suite.budget("smoke"), tmp_path)}
+    pretrain, td3 = jobs["hopper-medium-v2/seed0/pretrain"], jobs["hopper-medium-v2/seed0/td3"]
+    assert str(pretrain.run_dir / "offline.npz") in td3.argv
+    # the pretraining (100 offline steps, 0 online): an earlier evaluation, then the periodic and
+    # the final one at its last step; its first evaluation after pretraining (seed + 10**6) is
+    # the summary's "before", which a fine-tuning from the same policy repeats exactly
+    pretrain.run_dir.mkdir(parents=True)
+    (pretrain.run_dir / "config.json").write_text(json.dumps({"offline_steps": 100}))
+    (pretrain.run_dir / "summary.json").write_text(
+        json.dumps({"normalized_score_before_finetuning": 50.0})
+    )
+    rows = [{"step": 50, report.SCORE: 10.0}, {"step": 100, "offline/loss": 1.0},
+            {"step": 100, report.SCORE: 56.0}, {"step": 100, report.SCORE: 62.0}]  # fmt: skip
+    (pretrain.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    checkpoint = pretrain.run_dir / "offline.npz"
+
+    _fake_run(tmp_path / "same", [(100, 20.0), (1000, 80.0)], [], before=50.0)
+    run = report.read_run_dir(tmp_path / "same", pretraining=checkpoint.parent)
+    start = (50.0 + 56.0 + 62.0) / 3  # three 10-episode evaluations of one policy
+    assert run["pretrained_evaluations"] == 3 and run["pretrained"] == pytest.approx(start)
+    assert run["curve"][0] == (0, pytest.approx(start))
+    assert run["delta"] == pytest.approx(80.0 - start)
+    # a different first evaluation is a different policy (BRED's distilled one) or different
+    # evaluation seeds (a pretraining shared by fine-tuning seeds): nothing to pool
+    _fake_run(tmp_path / "other", [(100, 20.0), (1000, 80.0)], [], before=48.0)
+    run = report.read_run_dir(tmp_path / "other", pretraining=checkpoint.parent)
+    assert run["pretrained_evaluations"] == 1 and run["pretrained"] == 48.0
+    # a committed checkpoint has no pretraining run beside it
+    assert report.read_run_dir(tmp_path / "same", pretraining=tmp_path)["pretrained"] == 50.0
+    # a sweep job finds its pretraining run from its --offline-checkpoint flag
+    _fake_run(td3.run_dir, [(100, 20.0), (1000, 80.0)], [], before=50.0)
+    assert report.read_run(td3)["pretrained"] == pytest.approx(start)
+    # ... unless one pretraining serves every seed (the others' evaluation seeds differ)
+    assert report.read_run(td3, pool_start=False)["pretrained"] == 50.0
 
 
 def test_iqm_is_the_25_percent_trimmed_mean():
@@ -361,16 +406,27 @@ def test_runner_killed_midway_finishes_without_redoing_or_losing_runs(tmp_path, 
     assert [r["seeds"] for r in rows] == [1, 1]
     assert "tiny random-action stand-ins" in (out / "report.md").read_text()
     assert (out / "curves" / "hopper-medium-v2.png").exists()
-    # curves.csv holds each run's pretrained score (step 0) and every online evaluation.
+    # curves.csv holds each run's pretrained score (step 0) and every online evaluation. The
+    # pretrained score pools the fine-tuning's first evaluation with the pretraining's two at
+    # its last step: a real fine-tuning repeats its pretraining's first evaluation exactly.
+    offline_steps = json.loads((base / "pretrain" / "config.json").read_text())["offline_steps"]
+    pretrain_rows = [
+        json.loads(x) for x in (base / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    ]
+    at_last = [
+        r[report.SCORE] for r in pretrain_rows if r["step"] == offline_steps and report.SCORE in r
+    ]
+    assert len(at_last) == 2
+    with open(out / "runs.csv") as f:
+        assert [int(r["pretrained_evaluations"]) for r in csv.DictReader(f)] == [3, 3]
     with open(out / "curves.csv") as f:
         curve_rows = list(csv.DictReader(f))
     for variant in ("td3", "td3c"):
         mine = [r for r in curve_rows if r["variant"] == variant]
         summary = json.loads((base / variant / "summary.json").read_text())
         assert int(mine[0]["online_step"]) == 0
-        assert float(mine[0]["normalized_score"]) == pytest.approx(
-            summary["normalized_score_before_finetuning"], abs=1e-3
-        )
+        start = (summary["normalized_score_before_finetuning"] + sum(at_last)) / 3
+        assert float(mine[0]["normalized_score"]) == pytest.approx(start, abs=1e-3)
         assert float(mine[-1]["normalized_score"]) == pytest.approx(
             summary["normalized_score_after_finetuning"], abs=1e-3
         )
