@@ -817,3 +817,36 @@ def test_a_claim_naming_an_unknown_variant_or_kind_is_a_one_line_error(tmp_path,
         with pytest.raises(sweep.SweepError, match=words) as err:
             sweep.load_suite("bad")
         assert "\n" not in str(err.value)
+
+
+def test_q_calibration_returns_to_go_restart_at_each_episode(tmp_path):
+    from benchmarks import q_calibration
+
+    gamma = 0.9
+    rewards = [1.0, 1.0, 1.0, 2.0, 2.0]  # episode 7: three steps of 1, episode 8: two of 2
+    got = q_calibration.discounted_returns_to_go(rewards, np.array([7, 7, 7, 8, 8]), gamma)
+    # constant reward r for the L - t remaining steps: r (1 - gamma^(L - t)) / (1 - gamma)
+    expected = [1 * (1 - gamma ** (3 - t)) / (1 - gamma) for t in range(3)]
+    expected += [2 * (1 - gamma ** (2 - t)) / (1 - gamma) for t in range(2)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert q_calibration.probe_steps(254) == [0, 50, 100, 150, 200, 244]
+    assert q_calibration.probe_steps(120) == [0, 50, 100, 110]
+    assert q_calibration.probe_steps(5) == [0]
+
+
+def test_q_calibration_rejects_a_file_that_is_not_an_ensemble(tmp_path):
+    from common.checkpoints import save_checkpoint
+
+    agent = tmp_path / "offline.npz"
+    save_checkpoint(agent, {"w": np.zeros(2)}, {"algorithm": "td3_c", "env": "hopper-medium-v2"})
+    cases = ((agent, "not an exported CQL ensemble"), (tmp_path, "no config.json"),
+             (tmp_path / "nope.npz", "does not exist"))  # fmt: skip
+    for path, says in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.q_calibration", str(path),
+             "--out", str(tmp_path / "q")],
+            cwd=REPO, capture_output=True, text=True,
+        )  # fmt: skip
+        (line,) = proc.stderr.strip().splitlines()  # one line, naming the problem
+        assert proc.returncode == 2 and says in line and line.startswith(f"error: {path}")
+        assert not (tmp_path / "q").exists()  # nothing written
