@@ -427,6 +427,26 @@ def claims_section(suite, rows: list[dict], datasets: list[str], refs: dict) -> 
         f"(numbers: pretrained → late mean); *beats*: its late mean is above the other variant's "
         "on the same seed (numbers: the two late means). *paper*: the claim's variant in the "
         "paper's table, offline → online.",
+    ]
+
+    def verdict(claim, dataset) -> str:
+        """ "k of n seeds" on which the claim shows ("—": no finished run)."""
+        mine = [r for r in rows if r["claim"] == claim.text and r["dataset"] == dataset]
+        tested = [r for r in mine if r["shows"] != ""]
+        if not tested:
+            return "not testable" if mine else "—"
+        shown = sum(bool(r["shows"]) for r in tested)
+        return f"{shown} of {len(tested)} {'seed' if len(tested) == 1 else 'seeds'}"
+
+    # At a glance: claims by datasets, then the numbers behind each cell.
+    lines += [
+        "",
+        "| claim | " + " | ".join(datasets) + " |",
+        "|---|" + "---|" * len(datasets),
+        *[
+            f"| {c.text} | " + " | ".join(verdict(c, d) for d in datasets) + " |"
+            for c in suite.claims
+        ],  # fmt: skip
         "",
         "| claim | dataset | shows on | per seed | paper |",
         "|---|---|---|---|---|",
@@ -437,20 +457,14 @@ def claims_section(suite, rows: list[dict], datasets: list[str], refs: dict) -> 
             mine = [r for r in rows if r["claim"] == claim.text and r["dataset"] == dataset]
             if not mine:
                 continue
-            tested = [r for r in mine if r["shows"] != ""]
-            shown = sum(bool(r["shows"]) for r in tested)
-            verdict = (
-                f"{shown} of {len(tested)} {'seed' if len(tested) == 1 else 'seeds'}"
-                if tested
-                else "not testable"
-            )
             per_seed = "; ".join(
                 f"seed {r['seed']}: {r['numbers']}"
                 + ("" if r["shows"] == "" else " yes" if r["shows"] else " no")
                 for r in mine
             )
             paper = paper_cell(refs.get((paper_names[claim.variant], dataset)))
-            lines.append(f"| {claim.text} | {dataset} | {verdict} | {per_seed} | {paper} |")
+            cell = verdict(claim, dataset)
+            lines.append(f"| {claim.text} | {dataset} | {cell} | {per_seed} | {paper} |")
     return lines
 
 

@@ -798,6 +798,8 @@ def test_report_checks_the_suites_claims_per_dataset_and_seed(tmp_path, monkeypa
         "| td3 collapses early | hopper-medium-v2 | 1 of 2 seeds | seed 0: 50.0 ↓ 10.0 yes;" in text
     )
     assert "| td3c beats td3 | hopper-medium-v2 | 1 of 1 seed | seed 0: 76.0 vs 75.0 yes |" in text
+    # the summary at the top of the section: one row per claim, one column per dataset
+    assert "| td3 collapses early | 1 of 2 seeds |\n| td3c beats td3 | 1 of 1 seed |" in text
     # td3 has both seeds and enters the IQM; td3c lacks seed 1, and the report says so
     with open(out / "aggregate.csv") as f:
         assert [(r["variant"], r["runs"]) for r in csv.DictReader(f)] == [("td3", "2")]
