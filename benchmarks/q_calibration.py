@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=arg_type(int, Range(0, 2**31 - 1)), default=100)
     parser.add_argument("--out", type=pathlib.Path, help="also write q_calibration.{md,json}")
     args = parser.parse_args(argv)
+    from benchmarks.export_pretrained import PRETRAINED_KIND, ensemble_params
+
     run_params = None  # a run dir's {"actor", "critic"} params, each [N, ...]
     if args.checkpoint.is_dir():
-        from benchmarks.export_pretrained import ensemble_params
-
         run_dir = args.checkpoint
         stored = next((run_dir / f for f in ("offline.npz", "checkpoint.npz")
                        if (run_dir / f).is_file()), None)  # fmt: skip
@@ -86,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         config = json.loads((run_dir / "config.json").read_text())
         run_params = ensemble_params(stored)
         env, size, hidden = config["env"], config["ensemble_size"], config["hidden_dims"]
-        source = f"{stored} (step {int(np.load(stored)['[0].critic.step'].max())})"
+        with np.load(stored) as arrays:
+            source = f"{stored} (step {int(arrays['[0].critic.step'].max())})"
     else:
         try:
             meta = read_checkpoint_metadata(args.checkpoint)
         except (CheckpointError, OSError) as err:
             parser.error(f"{args.checkpoint}: {err}")
-        if meta.get("kind") != "cql_ensemble_params":  # export_pretrained.PRETRAINED_KIND
+        if meta.get("kind") != PRETRAINED_KIND:
             parser.error(
                 f"{args.checkpoint}: not an exported CQL ensemble; pass an ensemble.npz of "
                 "benchmarks/export_pretrained.py or an off2on_balanced.py / bred.py run dir"
