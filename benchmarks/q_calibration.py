@@ -7,6 +7,9 @@ fine-tuning starts from (`algorithms/off2on_balanced.py`, `algorithms/bred.py`):
   returns-to-go (cut at the episode's end: a time-limit-truncated episode's return-to-go misses
   the bootstrap, so it reads low near the limit), and Q at the policy's actions at those states.
 
+Then each member's own policy (the deterministic tanh of its mean) alone, on the same episode
+seeds: whether a low ensemble score is every member's or the moment-matched mixture's.
+
 Q is each member's twin minimum (the CQL target and actor read it so), averaged over members;
 the members' range is shown beside it. CQL is meant to be pessimistic: Q at or below the returns.
 A Q well above them on the policy's own states is the overestimation fine-tuning would then
@@ -62,6 +65,21 @@ def probe_steps(length: int) -> list[int]:
     """Steps of an episode of `length` to compare at: the start, every 50 steps up to 200, and
     10 steps before its end."""
     return sorted({t for t in (0, 50, 100, 150, 200) if t < length} | {max(length - 10, 0)})
+
+
+def rollout(env, act, seed: int):
+    """One episode of the deterministic policy `act` (obs [1, D] -> action [1, A]) from
+    `env.reset(seed=seed)` -> (observations, actions, rewards, terminated)."""
+    obs, _ = env.reset(seed=seed)
+    observations, actions, rewards, done, terminated = [], [], [], False, False
+    while not done:
+        action = np.asarray(act(obs[None].astype(np.float32)))[0]
+        observations.append(obs)
+        actions.append(action)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        rewards.append(reward)
+        done = terminated or truncated
+    return np.array(observations), np.array(actions), np.array(rewards), bool(terminated)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,17 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     rollouts = []
     gym_env = gym.make(GYM_ENV_IDS[data.info.env])
     for episode in range(args.episodes):
-        obs, _ = gym_env.reset(seed=args.seed + episode)
-        observations, actions, rewards, done, terminated = [], [], [], False, False
-        while not done:
-            action = np.asarray(policy(jnp.asarray(obs[None], jnp.float32)))[0]
-            observations.append(obs)
-            actions.append(action)
-            obs, reward, terminated, truncated, _ = gym_env.step(action)
-            rewards.append(reward)
-            done = terminated or truncated
+        observations, actions, rewards, terminated = rollout(gym_env, policy, args.seed + episode)
         mc = discounted_returns_to_go(rewards, np.zeros(len(rewards)))
-        q = q_at(np.array(observations), np.array(actions))
+        q = q_at(observations, actions)
         score = float(normalized_score(data.info.env, np.sum(rewards)))
         rows = []
         for t in probe_steps(len(rewards)):
@@ -195,12 +205,42 @@ def main(argv: list[str] | None = None) -> int:
         f"| {on_data['mc_behaviour']:.1f} | {on_data['q_data_actions']:.1f} | "
         f"{on_data['q_policy_actions']:.1f} |",
     ]
+
+    # Each member alone: its own deterministic policy tanh(mean), on the ensemble's episode seeds.
+    lines += [
+        "",
+        "## Each member's own policy (deterministic), on the same episode seeds",
+        "",
+        "| member | normalized scores | mean | episode lengths |",
+        "|---|---|---|---|",
+    ]
+    member_action = jax.jit(lambda params, o: jnp.tanh(actor.apply(params, o)[0]))
+    members_alone = []
+    for m in range(size):
+        params = jax.tree_util.tree_map(lambda x, m=m: x[m], members.actor.params)
+        scores, lengths = [], []
+        for episode in range(args.episodes):
+            *_, rewards, _ = rollout(gym_env, lambda o, p=params: member_action(p, o),
+                                     args.seed + episode)  # fmt: skip
+            scores.append(float(normalized_score(data.info.env, rewards.sum())))
+            lengths.append(len(rewards))
+        members_alone.append({"member": m, "normalized_scores": scores, "lengths": lengths})
+        lines.append(
+            f"| {m} | {', '.join(f'{x:.1f}' for x in scores)} | {np.mean(scores):.1f} | "
+            f"{', '.join(map(str, lengths))} |"
+        )
+    ensemble_scores = [r["normalized_score"] for r in rollouts]
+    lines.append(
+        f"| ensemble | {', '.join(f'{x:.1f}' for x in ensemble_scores)} | "
+        f"{np.mean(ensemble_scores):.1f} | {', '.join(str(r['length']) for r in rollouts)} |"
+    )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         record = {"checkpoint": source, "env": env, "gamma": GAMMA,
-                  "rollouts": rollouts, "dataset": on_data}  # fmt: skip
+                  "rollouts": rollouts, "dataset": on_data,
+                  "members_alone": members_alone}  # fmt: skip
         atomic_write_text(args.out / "q_calibration.json", json.dumps(record, indent=2) + "\n")
         atomic_write_text(args.out / "q_calibration.md", text)
     return 0

@@ -836,6 +836,33 @@ def test_q_calibration_returns_to_go_restart_at_each_episode(tmp_path):
     assert q_calibration.probe_steps(5) == [0]
 
 
+def test_q_calibration_rollout_records_each_state_before_its_action_and_stops_at_the_end():
+    from benchmarks import q_calibration
+
+    class Counter:  # obs = [t, seed]; reward t + action; falls at t = 3 unless truncated first
+        def __init__(self, limit):
+            self.limit = limit
+
+        def reset(self, seed):
+            self.t, self.seed = 0, seed
+            return np.array([0.0, seed]), {}
+
+        def step(self, action):
+            reward = self.t + float(action[0])
+            self.t += 1
+            terminated, truncated = self.t == 3, self.t == self.limit
+            return np.array([self.t, self.seed], float), reward, terminated, truncated, {}
+
+    act = lambda o: o[:, :1] * 0.5  # noqa: E731 - a deterministic policy on [1, D] observations
+    obs, actions, rewards, terminated = q_calibration.rollout(Counter(limit=10), act, seed=7)
+    np.testing.assert_array_equal(obs, [[0, 7], [1, 7], [2, 7]])
+    np.testing.assert_array_equal(actions, [[0.0], [0.5], [1.0]])
+    np.testing.assert_array_equal(rewards, [0.0, 1.5, 3.0])
+    assert terminated
+    *_, rewards, terminated = q_calibration.rollout(Counter(limit=2), act, seed=0)
+    assert len(rewards) == 2 and not terminated  # a time limit is not a fall
+
+
 def test_q_calibration_rejects_a_file_that_is_not_an_ensemble(tmp_path):
     from common.checkpoints import save_checkpoint
 
