@@ -186,6 +186,11 @@ def ray_backend(address: str, cpus_per_job: float, env: dict):
         env_vars["O2O_SUITES_DIR"] = os.environ["O2O_SUITES_DIR"]
     runtime_env = {"env_vars": env_vars}
     if address == "local":
+        # Ray starts its workers at niceness 15 (RAY_worker_niceness), below every other process:
+        # on a machine busy with other runs a job then gets a few % of a core (a 10-second smoke
+        # job took 18 minutes here). A local instance exists only for this sweep, so its jobs
+        # run at the driver's priority, as the local backend's do. A cluster keeps its own.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     else:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
