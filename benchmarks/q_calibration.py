@@ -28,6 +28,7 @@ resume `checkpoint.npz`, read as it stands). Prints Markdown tables; `--out DIR`
     python -m benchmarks.q_calibration runs/pretrain/off2on_cql5_hopper-medium-v2_200k
 """
 
+import functools
 import json
 import pathlib
 import sys
@@ -147,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             actor=template.actor.replace(params=run_params["actor"]),
             critic=template.critic.replace(params=run_params["critic"]),
         )
-    policy = jax.jit(lambda o: o2o.ensemble_policy(actor, members.actor.params, o)[1])
+    # The deterministic action of the members in `params` ([n, ...]); one member alone is the
+    # n = 1 ensemble, whose moment matching is that member's own tanh(mean).
+    act = jax.jit(lambda params, o: o2o.ensemble_policy(actor, params, o)[1])
+    policy = functools.partial(act, members.actor.params)
     per_member = jax.vmap(o2o.twin_q, in_axes=(None, 0, None, None))
     q_members = jax.jit(lambda o, a: per_member(critic, members.critic.params, o, a).min(1))
 
@@ -214,14 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         "| member | normalized scores | mean | episode lengths |",
         "|---|---|---|---|",
     ]
-    member_action = jax.jit(lambda params, o: jnp.tanh(actor.apply(params, o)[0]))
     members_alone = []
     for m in range(size):
-        params = jax.tree_util.tree_map(lambda x, m=m: x[m], members.actor.params)
+        alone = functools.partial(
+            act, jax.tree_util.tree_map(lambda x, m=m: x[m : m + 1], members.actor.params)
+        )
         scores, lengths = [], []
         for episode in range(args.episodes):
-            *_, rewards, _ = rollout(gym_env, lambda o, p=params: member_action(p, o),
-                                     args.seed + episode)  # fmt: skip
+            *_, rewards, _ = rollout(gym_env, alone, args.seed + episode)
             scores.append(float(normalized_score(data.info.env, rewards.sum())))
             lengths.append(len(rewards))
         members_alone.append({"member": m, "normalized_scores": scores, "lengths": lengths})
