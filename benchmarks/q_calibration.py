@@ -2,13 +2,16 @@
 fine-tuning starts from (`algorithms/off2on_balanced.py`, `algorithms/bred.py`):
 
 - on its own rollouts: Q at the ensemble policy's deterministic actions (Eq. 5's tanh(mean)),
-  against the Monte-Carlo discounted return of the rest of the episode, at a few steps of each;
+  against the Monte-Carlo discounted return of the rest of the episode, at a few steps of each,
+  and beside both the behaviour policy's own discounted return from the same step of its
+  episodes (the dataset's): whether the policy beats the data in the measure CQL maximises;
 - on the data: Q at the dataset's actions against the behaviour policy's discounted
   returns-to-go (cut at the episode's end: a time-limit-truncated episode's return-to-go misses
   the bootstrap, so it reads low near the limit), and Q at the policy's actions at those states.
 
 Then each member's own policy (the deterministic tanh of its mean) alone, on the same episode
-seeds: whether a low ensemble score is every member's or the moment-matched mixture's.
+seeds: whether a low ensemble score is every member's or the moment-matched mixture's; and the
+data's own episodes for scale (normalized score, lengths, the share that ends in a fall).
 
 Q is each member's twin minimum (the CQL target and actor read it so), averaged over members;
 the members' range is shown beside it. CQL is meant to be pessimistic: Q at or below the returns.
@@ -60,6 +63,23 @@ def discounted_returns_to_go(rewards, episode_ids, gamma: float = GAMMA) -> np.n
         running = rewards[t] + gamma * running
         out[t] = running
     return out
+
+
+def episode_bounds(episode_ids) -> tuple[np.ndarray, np.ndarray]:
+    """(first index, length) of each contiguous episode (an id change starts a new one)."""
+    episode_ids = np.asarray(episode_ids)
+    starts = np.r_[0, np.flatnonzero(episode_ids[1:] != episode_ids[:-1]) + 1]
+    return starts, np.diff(np.r_[starts, len(episode_ids)])
+
+
+def behaviour_returns_to_go_by_step(returns_to_go, episode_ids) -> np.ndarray:
+    """[T]: the behaviour policy's discounted return-to-go at step t of its episodes, averaged
+    over the dataset's episodes that reach t (T = the longest episode): what the data's own
+    policy earns, in the discounted measure Q estimates, from where a rollout stands at t."""
+    starts, lengths = episode_bounds(episode_ids)
+    step_in_episode = np.arange(lengths.sum()) - np.repeat(starts, lengths)
+    totals = np.bincount(step_in_episode, weights=np.asarray(returns_to_go, np.float64))
+    return totals / np.bincount(step_in_episode)
 
 
 def probe_steps(length: int) -> list[int]:
@@ -158,17 +178,22 @@ def main(argv: list[str] | None = None) -> int:
     def q_at(obs, actions) -> np.ndarray:  # [N, T]: each member's twin minimum
         return np.asarray(q_members(jnp.asarray(obs, jnp.float32), jnp.asarray(actions)))
 
+    transitions = data.transitions
+    returns_to_go = discounted_returns_to_go(transitions["rewards"], data.episode_ids)
+    behaviour_mc = behaviour_returns_to_go_by_step(returns_to_go, data.episode_ids)
     lines = [
         f"# Q calibration of `{source}`",
         "",
         f"{env}, N = {size}, gamma {GAMMA}. Q: mean over members of each "
         "member's twin minimum (members' range in brackets); MC: the discounted return that "
-        "followed.",
+        "followed; behaviour: the behaviour policy's discounted return-to-go from the same step "
+        "of its own episodes (the dataset's, mean over those that reach it), the number a "
+        "pessimistic agent's MC should at least match.",
         "",
         "## The ensemble policy's own rollouts (deterministic)",
         "",
-        "| episode | length | ended by | normalized | step | MC return | Q | Q − MC |",
-        "|---|---|---|---|---|---|---|---|",
+        "| episode | length | ended by | normalized | step | MC return | behaviour | Q | Q − MC |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     rollouts = []
     gym_env = gym.make(GYM_ENV_IDS[data.info.env])
@@ -179,23 +204,23 @@ def main(argv: list[str] | None = None) -> int:
         score = float(normalized_score(data.info.env, np.sum(rewards)))
         rows = []
         for t in probe_steps(len(rewards)):
-            rows.append({"step": t, "mc": float(mc[t]), "q": float(q[:, t].mean()),
+            behaviour_at = float(behaviour_mc[t]) if t < len(behaviour_mc) else float("nan")
+            rows.append({"step": t, "mc": float(mc[t]), "mc_behaviour": behaviour_at,
+                         "q": float(q[:, t].mean()),
                          "q_min": float(q[:, t].min()), "q_max": float(q[:, t].max())})  # fmt: skip
             lines.append(
                 f"| {episode} | {len(rewards)} | {'fall' if terminated else 'time limit'} | "
-                f"{score:.1f} | {t} | {mc[t]:.1f} | {q[:, t].mean():.1f} "
+                f"{score:.1f} | {t} | {mc[t]:.1f} | {behaviour_at:.1f} | {q[:, t].mean():.1f} "
                 f"[{q[:, t].min():.0f}, {q[:, t].max():.0f}] | {q[:, t].mean() - mc[t]:+.1f} |"
             )
         rollouts.append({"length": len(rewards), "terminated": bool(terminated),
                          "normalized_score": score, "steps": rows})  # fmt: skip
 
-    t = data.transitions
-    returns_to_go = discounted_returns_to_go(t["rewards"], data.episode_ids)
     idx = np.random.default_rng(args.seed).choice(
         len(returns_to_go), min(args.states, len(returns_to_go)), replace=False
     )
-    obs = t["observations"][idx]
-    q_data = q_at(obs, t["actions"][idx]).mean(0)
+    obs = transitions["observations"][idx]
+    q_data = q_at(obs, transitions["actions"][idx]).mean(0)
     q_policy = q_at(obs, np.asarray(policy(jnp.asarray(obs)))).mean(0)
     on_data = {"states": len(idx), "mc_behaviour": float(returns_to_go[idx].mean()),
                "q_data_actions": float(q_data.mean()),
@@ -238,13 +263,27 @@ def main(argv: list[str] | None = None) -> int:
         f"| ensemble | {', '.join(f'{x:.1f}' for x in ensemble_scores)} | "
         f"{np.mean(ensemble_scores):.1f} | {', '.join(str(r['length']) for r in rollouts)} |"
     )
+    # The data's own episodes, for scale: their undiscounted score and how long they last.
+    starts, lengths = episode_bounds(data.episode_ids)
+    returns = np.add.reduceat(np.asarray(transitions["rewards"], np.float64), starts)
+    falls = np.asarray(transitions["terminals"])[starts + lengths - 1]
+    behaviour = {"episodes": len(starts),
+                 "mean_normalized_score": float(np.mean(normalized_score(data.info.env, returns))),
+                 "length_quartiles": [float(x) for x in np.percentile(lengths, [25, 50, 75])],
+                 "ended_by_fall": float(np.mean(falls))}  # fmt: skip
+    q1, q2, q3 = behaviour["length_quartiles"]
+    lines.append(
+        f"| behaviour (the data's {behaviour['episodes']} episodes) | | "
+        f"{behaviour['mean_normalized_score']:.1f} | median {q2:.0f} (quartiles {q1:.0f}, "
+        f"{q3:.0f}); {100 * behaviour['ended_by_fall']:.0f}% end in a fall |"
+    )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         record = {"checkpoint": source, "env": env, "gamma": GAMMA,
                   "rollouts": rollouts, "dataset": on_data,
-                  "members_alone": members_alone}  # fmt: skip
+                  "members_alone": members_alone, "behaviour": behaviour}  # fmt: skip
         atomic_write_text(args.out / "q_calibration.json", json.dumps(record, indent=2) + "\n")
         atomic_write_text(args.out / "q_calibration.md", text)
     return 0

@@ -836,6 +836,20 @@ def test_q_calibration_returns_to_go_restart_at_each_episode(tmp_path):
     assert q_calibration.probe_steps(5) == [0]
 
 
+def test_q_calibration_behaviour_returns_to_go_by_step_average_the_episodes_that_reach_it():
+    from benchmarks import q_calibration
+
+    # Episodes 4 (3 steps), 9 (1 step), 4 again (2 steps: an id change starts a new episode).
+    episode_ids = np.array([4, 4, 4, 9, 4, 4])
+    returns_to_go = np.array([10.0, 20.0, 30.0, 5.0, 7.0, 1.0])
+    starts, lengths = q_calibration.episode_bounds(episode_ids)
+    np.testing.assert_array_equal(starts, [0, 3, 4])
+    np.testing.assert_array_equal(lengths, [3, 1, 2])
+    got = q_calibration.behaviour_returns_to_go_by_step(returns_to_go, episode_ids)
+    # step 0: all three episodes (10, 5, 7); step 1: the two that last 2+ (20, 1); step 2: one.
+    np.testing.assert_allclose(got, [(10 + 5 + 7) / 3, (20 + 1) / 2, 30.0])
+
+
 def test_q_calibration_rollout_records_each_state_before_its_action_and_stops_at_the_end():
     from benchmarks import q_calibration
 
