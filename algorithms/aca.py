@@ -749,6 +749,8 @@ def main(args: Args) -> dict:
         bar = lifecycle.progress_bar(
             range(progress["offline_step"], args.offline_steps, args.log_every),
             desc=f"offline {args.offline_algo}", unit_scale=args.log_every,
+            initial=progress["offline_step"] // args.log_every,
+            total=args.offline_steps // args.log_every,
         )  # fmt: skip
         for step in bar:
             state, metrics = offline_chunk(state, offline)

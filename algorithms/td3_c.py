@@ -512,6 +512,8 @@ def main(args: Args) -> dict:
         bar = lifecycle.progress_bar(
             range(progress["offline_step"], args.offline_steps, args.log_every),
             desc="offline TD3-BC", unit_scale=args.log_every,
+            initial=progress["offline_step"] // args.log_every,
+            total=args.offline_steps // args.log_every,
         )  # fmt: skip
         for step in bar:
             state, metrics = offline_chunk(state, offline)

@@ -25,6 +25,7 @@ import ctypes
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -48,6 +49,9 @@ from benchmarks.sweep import (
 from common.flags import ArgumentParser, Range, arg_type
 
 _RUNNING: dict[str, subprocess.Popen] = {}  # local backend: job uid -> process
+_SWEEP_BAR = (
+    "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} jobs [{elapsed}<{remaining}{postfix}]"
+)
 
 
 def _die_with_parent():  # runs in the child before exec: SIGTERM it if its parent thread dies
@@ -122,34 +126,82 @@ def make_datasets(argv: list[str]) -> int:
     return 0
 
 
-def schedule(jobs: list[Job], launch, wait_any, workers: int, bar) -> dict[str, str]:
-    """Run jobs respecting `after` dependencies, at most `workers` at once.
-    `launch(job) -> handle`; `wait_any(handles) -> {handle: return code}` for those done."""
+def schedule(jobs: list[Job], launch, wait_any, workers: int, bar, poll_s: float = 15.0):
+    """Run jobs respecting `after` dependencies, at most `workers` at once. Returns {uid:
+    outcome}. `launch(job) -> handle`; `wait_any(handles, timeout) -> {handle: return code}` for
+    those done (possibly none). Every `poll_s` seconds the bar counts the running jobs' progress
+    too (see `job_progress`), so its rate and ETA show long before the first job ends."""
     outcome = {job.uid: "finished" for job in jobs if status(job) == "finished"}
     pending = [job for job in jobs if job.uid not in outcome]
     running = {}  # handle -> job
+    seen = set()  # running jobs whose first progress line was read (a resumed one's counts as
+    # work done before this sweep, `bar.initial`, so that it does not inflate the rate)
+    resumed = set()
+
+    def show():
+        shares, notes = 0.0, []
+        for job in running.values():
+            progress = job_progress(job)
+            if progress is None:
+                continue
+            desc, done, total = progress
+            shares += done / total
+            if job.uid not in seen:
+                seen.add(job.uid)
+                bar.initial += done / total if job.uid in resumed else 0.0
+            notes.append(f"{job.key} {desc} {done:g}/{total:g}")
+        bar.n = round(len(outcome) + shares, 3)
+        failed = sum("failed" in v for v in outcome.values())
+        bar.set_postfix_str(
+            f"running {len(running)}" + (f", failed {failed}" if failed else "")
+            + "".join(f" | {note}" for note in notes[:2]) + (" | ..." if len(notes) > 2 else "")
+        )  # fmt: skip
+
     while pending or running:
         for job in list(pending):
             if job.after and outcome.get(job.after, "").startswith(("failed", "skip")):
                 pending.remove(job)
                 outcome[job.uid] = f"skipped (needs {job.after})"
-                bar.update(1)
         ready = [j for j in pending if j.after is None or outcome.get(j.after) == "finished"]
         for job in ready[: max(0, workers - len(running))]:
             pending.remove(job)
+            if status(job) == "interrupted":
+                resumed.add(job.uid)
             running[launch(job)] = job
         if not running:  # nothing can start: whatever is left waits on a job that never ran
             for job in pending:
                 outcome[job.uid] = f"skipped (needs {job.after})"
-                bar.update(1)
             break
-        for handle, code in wait_any(list(running)).items():
+        for handle, code in wait_any(list(running), poll_s).items():
             job = running.pop(handle)
             outcome[job.uid] = "finished" if code == 0 else f"failed (exit {code})"
-            bar.update(1)
             bar.write(f"{job.uid}: {outcome[job.uid]}{_scores(job)}")
-        bar.set_postfix(running=len(running), failed=sum("failed" in v for v in outcome.values()))
+        show()
+    show()
     return outcome
+
+
+_BAR_LINE = re.compile(r"([^\r\n:|]+): *\d+%\|[^|\r\n]*\| *([\d.]+)([kMG]?)/([\d.]+)([kMG]?) \[")
+_SI = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}
+
+
+def job_progress(job: Job) -> tuple[str, float, float] | None:
+    """(phase, done, total) from the last progress bar line a running job wrote into its log
+    (this attempt's only), or None before its first. The share done is the running phase's: a job
+    with two phases (BRED's distillation, then fine-tuning) starts its second at 0."""
+    try:
+        with open(job.run_dir / "log.txt", "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - 16384))
+            tail = log.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    tail = tail.rsplit("\n=== ", 1)[-1]  # execute() starts every attempt with such a line
+    bars = [
+        (desc.strip(), float(n) * _SI[n_si], float(total) * _SI[total_si])
+        for desc, n, n_si, total, total_si in _BAR_LINE.findall(tail)
+    ]  # fmt: skip
+    bars = [(desc, min(n, total), total) for desc, n, total in bars if total > 0]
+    return bars[-1] if bars else None
 
 
 def _scores(job: Job) -> str:
@@ -170,8 +222,10 @@ def local_backend(workers: int, env: dict):
     def launch(job):
         return pool.submit(execute, job, env)
 
-    def wait_any(futures):
-        done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+    def wait_any(futures, timeout):
+        done, _ = concurrent.futures.wait(
+            futures, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED
+        )
         return {f: (f.result() if f.exception() is None else -1) for f in done}
 
     return launch, wait_any, pool.shutdown
@@ -199,8 +253,8 @@ def ray_backend(address: str, cpus_per_job: float, env: dict):
     def launch(job):
         return remote_execute.remote(job, env, sys.executable)
 
-    def wait_any(refs):
-        done, _ = ray.wait(refs, num_returns=1)
+    def wait_any(refs, timeout):
+        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         out = {}
         for ref in done:
             try:
@@ -302,7 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         launch, wait_any, close = local_backend(args.workers, env)
         workers = args.workers
-    bar = tqdm(total=len(jobs), initial=finished, desc=f"{'+'.join(names)} [{args.budget}]")
+    # Counted in jobs, the running ones by their share done (their logs' progress lines); the
+    # rate is the mean since the start (smoothing 0), so a long job does not swing the ETA.
+    bar = tqdm(
+        total=len(jobs), initial=finished, desc=f"{'+'.join(names)} [{args.budget}]",
+        unit="job", smoothing=0, bar_format=_SWEEP_BAR,
+    )  # fmt: skip
     try:
         outcome = schedule(jobs, launch, wait_any, workers, bar)
     finally:

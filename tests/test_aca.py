@@ -239,6 +239,8 @@ def test_tiny_run_and_exact_resume(tiny_root, tmp_path):
     assert "stopped after offline step 200" in stopped.stderr
     stopped = run(part, tiny_root, *extra, "--resume", "--stop-after", "800", ok=False)
     assert "stopped after global step 800" in stopped.stderr
+    # the resumed offline bar counts from the checkpoint's step, out of the whole phase
+    assert "200/400 [" in stopped.stderr and "0/200 [" not in stopped.stderr
     run(part, tiny_root, *extra, "--resume")
     assert_same_run(full, part)  # bit-identical state, same logged steps
 

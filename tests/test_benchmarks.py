@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -463,6 +464,79 @@ def test_ray_backend_on_a_local_instance(tmp_path):
         assert (base / variant / "summary.json").exists()
 
 
+class _Bar:  # what schedule() uses of tqdm
+    n, initial, postfix = 0.0, 0.0, ""
+
+    def write(self, text):
+        pass
+
+    def set_postfix_str(self, text):
+        self.postfix = text
+
+
+def _tqdm_lines(desc, total, upto, **kwargs) -> str:
+    """What lifecycle.progress_bar writes into a job's log: tqdm's own output, not a copy."""
+    from tqdm import tqdm
+
+    out = io.StringIO()
+    with tqdm(total=total, desc=desc, file=out, mininterval=0, **kwargs) as bar:
+        bar.update(upto - bar.n)
+    return out.getvalue()
+
+
+def test_job_progress_reads_the_current_attempts_last_bar(tmp_path):
+    from benchmarks.run import job_progress
+
+    suite = sweep.load_suite("td3c_table1")
+    job = sweep.expand(suite, suite.budget("smoke"), tmp_path, ["hopper-medium-v2"])[0]
+    job.run_dir.mkdir(parents=True)
+    log = job.run_dir / "log.txt"
+    assert job_progress(job) is None  # no log yet
+    first = _tqdm_lines("offline TD3-BC", 500, 130, unit_scale=1000)  # shows 130000/500000
+    log.write_text("\n=== 2026-12-04 07:00:00 python ...\n" + first)
+    assert job_progress(job) == ("offline TD3-BC", 130_000, 500_000)
+    # a resumed attempt: nothing of it read until its own bar appears, then its last line
+    log.write_text(log.read_text() + "\n=== 2026-12-04 08:00:00 python ... --resume\nloading\n")
+    assert job_progress(job) is None
+    second = _tqdm_lines("offline TD3-BC", 500, 260, initial=130, unit_scale=1000)
+    log.write_text(log.read_text() + second + _tqdm_lines("online td3", 0, 0))  # empty phase
+    assert job_progress(job) == ("offline TD3-BC", 260_000, 500_000)
+    log.write_text(log.read_text() + _tqdm_lines("online updates", 200_000, 50_000, unit="update"))
+    assert job_progress(job) == ("online updates", 50_000, 200_000)
+
+
+def test_schedule_counts_running_jobs_by_their_share_done(tmp_path):
+    from benchmarks.run import schedule
+
+    suite = sweep.load_suite("aca_table2")
+    jobs = sweep.expand(suite, suite.budget("smoke"), tmp_path, ["hopper-medium-v2"])
+    assert [job.variant for job in jobs] == ["pretrain", "aca", "sac"]
+    (jobs[0].run_dir).mkdir(parents=True)
+    (jobs[0].run_dir / "checkpoint.npz").write_bytes(b"")  # an interrupted run: resumed
+    polls = []
+    bar = _Bar()
+
+    def launch(job):
+        return job.uid
+
+    def wait_any(handles, timeout):
+        polls.append((sorted(handles), bar.n, bar.initial, bar.postfix))
+        if len(polls) == 1:  # the resumed pretraining has printed its first line: 40% done
+            (jobs[0].run_dir / "log.txt").write_text("\n=== t\n" + _tqdm_lines("offline", 10, 4))
+            return {}
+        if len(polls) == 2:  # 70% done: the sweep's own progress is 0.3 of a job
+            (jobs[0].run_dir / "log.txt").write_text("\n=== t\n" + _tqdm_lines("offline", 10, 7))
+            return {}
+        return {h: 0 for h in handles}
+
+    outcome = schedule(jobs, launch, wait_any, workers=1, bar=bar, poll_s=0)
+    assert all(v == "finished" for v in outcome.values())
+    assert polls[1][:3] == (["aca_table2/hopper-medium-v2/seed0/pretrain"], 0.4, 0.4)
+    assert polls[2][1:3] == (0.7, 0.4)  # n counts the share; initial keeps what came before
+    assert polls[2][3] == "running 1 | hopper-medium-v2/seed0/pretrain offline 7/10"
+    assert bar.n == 3
+
+
 def test_schedule_keeps_suites_apart_when_their_job_keys_repeat(tmp_path):
     """Every suite has e.g. hopper-medium-v2/seed0/pretrain: one suite's finished pretraining
     must not release another suite's fine-tuning jobs."""
@@ -474,24 +548,14 @@ def test_schedule_keeps_suites_apart_when_their_job_keys_repeat(tmp_path):
         jobs += sweep.expand(suite, suite.budget("smoke"), tmp_path, ["hopper-medium-v2"])
     launched = []
 
-    class Bar:
-        def update(self, n):
-            pass
-
-        def write(self, text):
-            pass
-
-        def set_postfix(self, **kw):
-            pass
-
     def launch(job):
         launched.append(job)
         return job.uid
 
-    def wait_any(handles):  # aca_table2's pretraining fails, everything else succeeds
+    def wait_any(handles, timeout):  # aca_table2's pretraining fails, everything else succeeds
         return {h: (1 if h == "aca_table2/hopper-medium-v2/seed0/pretrain" else 0) for h in handles}
 
-    outcome = schedule(jobs, launch, wait_any, workers=10, bar=Bar())
+    outcome = schedule(jobs, launch, wait_any, workers=10, bar=_Bar())
     assert len(outcome) == len(jobs) == 3 + 5  # aca: pretrain + 2, td3c: pretrain + 4
     for job in jobs:
         if job.suite == "aca_table2" and job.variant != "pretrain":
