@@ -134,9 +134,8 @@ def schedule(jobs: list[Job], launch, wait_any, workers: int, bar, poll_s: float
     outcome = {job.uid: "finished" for job in jobs if status(job) == "finished"}
     pending = [job for job in jobs if job.uid not in outcome]
     running = {}  # handle -> job
-    seen = set()  # running jobs whose first progress line was read (a resumed one's counts as
-    # work done before this sweep, `bar.initial`, so that it does not inflate the rate)
-    resumed = set()
+    resumed = set()  # resumed jobs whose first progress line is still to be read: the share it
+    # shows was done before this sweep, so it goes into `bar.initial`, not into the rate
 
     def show():
         shares, notes = 0.0, []
@@ -146,9 +145,9 @@ def schedule(jobs: list[Job], launch, wait_any, workers: int, bar, poll_s: float
                 continue
             desc, done, total = progress
             shares += done / total
-            if job.uid not in seen:
-                seen.add(job.uid)
-                bar.initial += done / total if job.uid in resumed else 0.0
+            if job.uid in resumed:
+                resumed.discard(job.uid)
+                bar.initial += done / total
             notes.append(f"{job.key} {desc} {done:g}/{total:g}")
         bar.n = round(len(outcome) + shares, 3)
         failed = sum("failed" in v for v in outcome.values())
