@@ -1,0 +1,69 @@
+"""benchmarks/replay_probe.py: the balanced-replay probe's statistics, checked against direct
+NumPy computations, and the probe on a real tiny balanced run."""
+
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import replay_probe
+from tests.conftest import REPO
+from tests.test_off2on_balanced import run
+
+
+def test_auroc_equals_the_pairwise_definition_with_ties():
+    rng = np.random.default_rng(0)
+    pos = rng.integers(0, 6, 40).astype(float)  # many ties, within and across the classes
+    neg = rng.integers(0, 5, 55).astype(float)
+    # P(pos > neg) + P(pos == neg) / 2 over every pair
+    pairs = [(p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg)]
+    assert replay_probe.auroc(pos, neg) == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert replay_probe.auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert replay_probe.auroc(np.array([1.0, 1.0]), np.array([1.0])) == 0.5
+
+
+def test_summary_shares_and_zero_counts():
+    w_off, w_on = np.array([0.0, 0.0, 1.0, 3.0]), np.array([2.0, 0.0, 6.0])
+    p_off, p_on = np.array([1.0, 1.0, 0.5, 0.5]), np.array([9.0, 2.0, 1.0])
+    got = replay_probe.summarize(w_off, w_on, p_off, p_on)
+    assert got["balanced_offline_share"] == pytest.approx(3.0 / 15.0)
+    assert got["uniform_offline_share"] == pytest.approx(4 / 7)
+    assert got["offline"]["w_zero_share"] == 0.5 and got["online"]["w_zero_share"] == 1 / 3
+    assert got["offline"]["w_mean"] == 1.0 and got["online"]["priority_sum"] == 12.0
+
+
+def probe_cli(run_dir):
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.replay_probe", str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_probe_reads_a_balanced_run_and_refuses_others(tiny_root, tmp_path):
+    balanced = tmp_path / "balanced"
+    run(balanced, tiny_root, "--online-steps", "200")
+    result = replay_probe.probe(balanced)
+    with np.load(balanced / "checkpoint.npz") as z:
+        tree = z[".buffer.tree"]
+        num_leaves = tree.shape[0] // 2
+    assert result["online"]["n"] == 200  # every online step, the rest is the dataset
+    assert result["offline"]["n"] == 2000  # the tiny dataset's transitions (conftest)
+    # the leaves it read are the tree's: their sum is the root the buffer maintained
+    total = result["offline"]["priority_sum"] + result["online"]["priority_sum"]
+    assert total == pytest.approx(float(tree[1]), rel=1e-4)
+    assert num_leaves >= result["offline"]["n"] + 200
+    assert 0.0 <= result["auroc_online_vs_offline"] <= 1.0
+
+    uniform = tmp_path / "uniform"
+    run(uniform, tiny_root, "--online-steps", "100", "--replay", "uniform")
+    proc = probe_cli(uniform)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "--replay uniform; probe a --replay balanced run"
+    )
+    proc = probe_cli(tmp_path / "missing")
+    assert proc.returncode != 0 and "no checkpoint.npz" in proc.stderr
