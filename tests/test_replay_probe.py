@@ -62,8 +62,10 @@ def test_probe_reads_a_balanced_run_and_refuses_others(tiny_root, tmp_path):
     run(uniform, tiny_root, "--online-steps", "100", "--replay", "uniform")
     proc = probe_cli(uniform)
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1].endswith(
-        "--replay uniform; probe a --replay balanced run"
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith("--replay uniform; probe a --replay balanced run")
     )
     proc = probe_cli(tmp_path / "missing")
     assert proc.returncode != 0 and "no checkpoint.npz" in proc.stderr
