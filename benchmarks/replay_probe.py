@@ -1,4 +1,4 @@
-"""What balanced replay actually samples: the density ratio and the priorities of a run's buffer.
+"""What balanced replay actually samples, and what the critics make of the online data.
 
 Balanced replay (`algorithms/off2on_balanced.py`, CoRL 2021 Sec. 4.1) draws a transition with
 probability proportional to its priority, w(s, a)^(1/T) normalised over an offline batch (Eq. 6,
@@ -12,15 +12,23 @@ replay depends on two things this script reads from a run's resume checkpoint as
 - the priorities stored in the sum-tree: the offline share of the total priority is the expected
   offline share of the next balanced batch; uniform replay's is M / (buffer size).
 
+And for any replay scheme, the ensemble's Q (each member's twin minimum, averaged over members,
+as the actor reads it) on the run's own online transitions against their Monte-Carlo discounted
+returns (cut at the episode's end, so a time-limit-truncated episode's reads low near its end;
+the unfinished last episode is left out), for the run's critics now and for the critics it
+started from (the `--offline-checkpoint` ensemble or the run's own `offline.npz`): whether
+fine-tuning made the critics over- or under-estimate the states and actions it actually visits.
+
     python -m benchmarks.replay_probe RUN_DIR [--out DIR]
 
-RUN_DIR is a `--replay balanced` run of off2on_balanced.py with a `checkpoint.npz`. Prints a
-Markdown table; `--out DIR` also writes `replay_probe.{md,json}` there.
+RUN_DIR is an off2on_balanced.py run with a `checkpoint.npz` from its online phase. Prints
+Markdown tables; `--out DIR` also writes `replay_probe.{md,json}` there.
 """
 
 import argparse
 import json
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -28,10 +36,14 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "algorithms"))
+from benchmarks.q_calibration import discounted_returns_to_go  # noqa: E402
 from common.checkpoints import atomic_write_text  # noqa: E402
+
+GAMMA = 0.99
 
 DR_KEY = ".density_ratio.params['params']['Dense_{}']['{}']"
 DATA_KEY = ".buffer.storage.data['{}']"
+TRANSITION_FIELDS = ("observations", "actions", "rewards", "terminals", "timeouts")
 
 
 class ProbeError(ValueError):
@@ -78,9 +90,66 @@ def summarize(w_offline, w_online, priority_offline, priority_online) -> dict:
     }
 
 
+def complete_episode_ids(terminals, timeouts) -> np.ndarray:
+    """An episode id per transition from the end marks (a termination or a time-limit cut); the
+    transitions after the last mark (an unfinished episode) get -1."""
+    ends = (np.asarray(terminals) > 0) | (np.asarray(timeouts) > 0)
+    ids = np.concatenate([[0], np.cumsum(ends)[:-1]])
+    ids[ids == ends.sum()] = -1
+    return ids
+
+
+def q_against_returns(q_now, q_start, rewards, episode_ids, gamma: float = GAMMA) -> dict:
+    """Mean Q, Monte-Carlo return and their gap over the complete episodes' transitions, all of
+    them and the first 100 steps of each episode."""
+    done = episode_ids >= 0
+    returns = discounted_returns_to_go(rewards[done], episode_ids[done], gamma)
+    ids = episode_ids[done]
+    starts = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1]
+    step_in_episode = np.arange(len(ids)) - np.repeat(starts, np.diff(np.r_[starts, len(ids)]))
+    rows = {}
+    for name, keep in (
+        ("all", np.ones(len(ids), bool)),
+        ("first 100 steps", step_in_episode < 100),
+    ):
+        row = {"n": int(keep.sum()), "mc_return": float(returns[keep].mean())}
+        for label, q in (("now", q_now), ("start", q_start)):
+            if q is not None:
+                row[f"q_{label}"] = float(q[done][keep].mean())
+                row[f"q_minus_mc_{label}"] = float((q[done][keep] - returns[keep]).mean())
+        rows[name] = row
+    return {"episodes": int(ids.max() + 1) if len(ids) else 0, "rows": rows}
+
+
+def nested_params(arrays, prefix: str) -> dict:
+    """The nested parameter dict stored under `prefix` in a flat checkpoint."""
+    out = {}
+    for key in arrays.files:
+        if key.startswith(prefix):
+            *path, leaf = re.findall(r"\['([^']+)'\]", key[len(prefix) :])
+            node = out
+            for part in path:
+                node = node.setdefault(part, {})
+            node[leaf] = arrays[key]
+    return out
+
+
+def start_critics(run_dir: pathlib.Path, args: dict):
+    """The critics fine-tuning started from, or None where their file is gone."""
+    own = run_dir / "offline.npz"
+    if own.is_file():
+        with np.load(own, allow_pickle=False) as z:
+            return nested_params(z, "[0].critic.params")
+    exported = args.get("offline_checkpoint")
+    if exported and pathlib.Path(exported).is_file():
+        with np.load(exported, allow_pickle=False) as z:
+            return nested_params(z, "['critic']")
+    return None
+
+
 def probe(run_dir: pathlib.Path) -> dict:
     import jax
-    from off2on_balanced import DensityRatio
+    from off2on_balanced import Critic, DensityRatio, twin_q
 
     ckpt, config = run_dir / "checkpoint.npz", run_dir / "config.json"
     if not ckpt.is_file() or not config.is_file():
@@ -88,68 +157,120 @@ def probe(run_dir: pathlib.Path) -> dict:
             f"{run_dir}: no checkpoint.npz and config.json (an off2on_balanced run dir?)"
         )
     args = json.loads(config.read_text())
-    if args.get("replay") != "balanced":
-        raise ProbeError(f"{run_dir}: --replay {args.get('replay')}; probe a --replay balanced run")
+    hidden = tuple(args["hidden_dims"])
     with np.load(ckpt, allow_pickle=False) as z:
         if DR_KEY.format(0, "kernel") not in z.files:
             raise ProbeError(
                 f"{ckpt}: no online state yet (still pretraining?); "
                 "probe it once fine-tuning has run"
             )
-        layers = len(args["hidden_dims"]) + 1
-        params = {
+        dr_params = {
             "params": {
                 f"Dense_{i}": {n: z[DR_KEY.format(i, n)] for n in ("bias", "kernel")}
-                for i in range(layers)
+                for i in range(len(hidden) + 1)
             }
         }
+        critics_now = nested_params(z, ".critic.params")
         size, env_steps = int(z[".buffer.storage.size"]), int(z[".env_steps"])
-        obs = z[DATA_KEY.format("observations")][:size]
-        actions = z[DATA_KEY.format("actions")][:size]
+        data = {k: z[DATA_KEY.format(k)][:size] for k in TRANSITION_FIELDS}
         tree = z[".buffer.tree"]
     num_offline = size - min(env_steps, args["online_buffer_size"])
-    priorities = tree[tree.shape[0] // 2 :][:size]  # the sum-tree's leaves
-    net = DensityRatio(hidden_dims=tuple(args["hidden_dims"]))
-    apply = jax.jit(lambda o, a: net.apply(params, o, a))
-    w = np.concatenate(
-        [
-            np.asarray(apply(obs[i : i + 65536], actions[i : i + 65536]))
-            for i in range(0, size, 65536)
-        ]
-    )
-    summary = summarize(
-        w[:num_offline], w[num_offline:], priorities[:num_offline], priorities[num_offline:]
-    )
-    return {"run_dir": str(run_dir), "env": args["env"], "online_steps": env_steps, **summary}
+    result = {"run_dir": str(run_dir), "env": args["env"], "replay": args["replay"]}
+    result["online_steps"] = env_steps
+
+    def batched(fn):  # fn(obs, actions) over the buffer rows [lo, hi) in chunks
+        fn = jax.jit(fn)
+        return lambda lo, hi: np.concatenate(
+            [
+                np.asarray(fn(data["observations"][i : min(i + 65536, hi)],
+                              data["actions"][i : min(i + 65536, hi)]))
+                for i in range(lo, hi, 65536)
+            ]
+        )  # fmt: skip
+
+    if args["replay"] == "balanced":  # the other schemes never train the density-ratio net
+        net = DensityRatio(hidden_dims=hidden)
+        w = batched(lambda o, a: net.apply(dr_params, o, a))(0, size)
+        priorities = tree[tree.shape[0] // 2 :][:size]  # the sum-tree's leaves
+        result |= summarize(
+            w[:num_offline], w[num_offline:], priorities[:num_offline], priorities[num_offline:]
+        )
+    if env_steps <= args["online_buffer_size"]:  # the online ring has not wrapped: in order
+        critic = Critic(hidden)
+
+        def ensemble_q(params):  # each member's twin minimum, averaged over members
+            return batched(
+                lambda o, a: (
+                    jax.vmap(twin_q, in_axes=(None, 0, None, None))(critic, params, o, a)
+                    .min(1)
+                    .mean(0)
+                )
+            )(num_offline, size)
+
+        start = start_critics(run_dir, args)
+        online = slice(num_offline, size)
+        result["q_online"] = q_against_returns(
+            ensemble_q(critics_now),
+            None if start is None else ensemble_q(start),
+            data["rewards"][online],
+            complete_episode_ids(data["terminals"][online], data["timeouts"][online]),
+            args["gamma"],
+        )
+    return result
 
 
 def markdown(result: dict) -> str:
     rows = [
-        f"# Balanced replay probe: {result['run_dir']}",
+        f"# Replay probe: {result['run_dir']}",
         "",
-        f"{result['env']}, after {result['online_steps']} online steps. "
-        "w: the density-ratio net (Eq. 4); "
-        "priority: the sum-tree leaf (Eq. 6).",
-        "",
-        "| part | n | E[w] | median w | 5%-95% of w | w = 0 | mean priority | priority mass |",
-        "|---|---|---|---|---|---|---|---|",
+        f"{result['env']}, `--replay {result['replay']}`, after {result['online_steps']} online "
+        "steps.",
     ]
-    for name in ("offline", "online"):
-        p = result[name]
-        rows.append(
-            f"| {name} | {p['n']} | {p['w_mean']:.3f} | {p['w_median']:.3f} "
-            f"| {p['w_q05']:.3f}-{p['w_q95']:.3f} "
-            f"| {100 * p['w_zero_share']:.1f}% | {p['priority_mean']:.3f} "
-            f"| {p['priority_sum']:.0f} |"
-        )
-    rows += [
-        "",
-        f"AUROC of w, online against offline: {result['auroc_online_vs_offline']:.3f} "
-        "(0.5: no discrimination). "
-        "Offline share of the next balanced batch: "
-        f"{result['balanced_offline_share']:.4f}; of a uniform one: "
-        f"{result['uniform_offline_share']:.4f}.",
-    ]
+    if "offline" in result:
+        rows += [
+            "",
+            "## Density ratio and priorities",
+            "",
+            "w: the density-ratio net (Eq. 4); priority: the sum-tree leaf (Eq. 6).",
+            "",
+            "| part | n | E[w] | median w | 5%-95% of w | w = 0 | mean priority | priority mass |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name in ("offline", "online"):
+            p = result[name]
+            rows.append(
+                f"| {name} | {p['n']} | {p['w_mean']:.3f} | {p['w_median']:.3f} "
+                f"| {p['w_q05']:.3f}-{p['w_q95']:.3f} "
+                f"| {100 * p['w_zero_share']:.1f}% | {p['priority_mean']:.3f} "
+                f"| {p['priority_sum']:.0f} |"
+            )
+        rows += [
+            "",
+            f"AUROC of w, online against offline: {result['auroc_online_vs_offline']:.3f} "
+            "(0.5: no discrimination). Offline share of the next balanced batch: "
+            f"{result['balanced_offline_share']:.4f}; of a uniform one: "
+            f"{result['uniform_offline_share']:.4f}.",
+        ]
+    if "q_online" in result:
+        q = result["q_online"]
+        rows += [
+            "",
+            "## The ensemble's Q on the run's own online transitions",
+            "",
+            f"{q['episodes']} complete episodes; MC: the discounted return to the episode's end.",
+            "",
+            "| transitions | n | MC return | Q now | Q − MC now | Q at the start "
+            "| Q − MC at the start |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in q["rows"].items():
+            start = (
+                f"{r['q_start']:.1f} | {r['q_minus_mc_start']:+.1f}" if "q_start" in r else "— | —"
+            )
+            rows.append(
+                f"| {name} | {r['n']} | {r['mc_return']:.1f} | {r['q_now']:.1f} "
+                f"| {r['q_minus_mc_now']:+.1f} | {start} |"
+            )
     return "\n".join(rows) + "\n"
 
 

@@ -34,6 +34,25 @@ def test_summary_shares_and_zero_counts():
     assert got["offline"]["w_mean"] == 1.0 and got["online"]["priority_sum"] == 12.0
 
 
+def test_q_against_returns_by_hand():
+    # two complete episodes (a termination at t=2, a time-limit cut at t=4), then an unfinished one
+    rewards = np.array([1.0, 1.0, 1.0, 2.0, 2.0, 5.0])
+    ids = replay_probe.complete_episode_ids([0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 1, 0])
+    assert ids.tolist() == [0, 0, 0, 1, 1, -1]
+    q_now = np.array([2.0, 2.0, 2.0, 3.0, 3.0, 9.0])
+    got = replay_probe.q_against_returns(q_now, q_now - 1.0, rewards, ids, gamma=0.5)
+    # returns to go with gamma 0.5, cut at each episode's end: 1.75, 1.5, 1 | 3, 2
+    row = got["rows"]["all"]
+    assert got["episodes"] == 2 and row["n"] == 5
+    assert row["mc_return"] == pytest.approx((1.75 + 1.5 + 1 + 3 + 2) / 5)
+    assert row["q_now"] == pytest.approx(12 / 5)
+    assert row["q_minus_mc_now"] == pytest.approx((0.25 + 0.5 + 1 + 0 + 1) / 5)
+    assert row["q_minus_mc_start"] == pytest.approx(row["q_minus_mc_now"] - 1.0)
+    assert got["rows"]["first 100 steps"] == row  # every episode is shorter than 100 steps
+    no_start = replay_probe.q_against_returns(q_now, None, rewards, ids, gamma=0.5)
+    assert "q_start" not in no_start["rows"]["all"]
+
+
 def probe_cli(run_dir):
     return subprocess.run(
         [sys.executable, "-m", "benchmarks.replay_probe", str(run_dir)],
@@ -43,7 +62,7 @@ def probe_cli(run_dir):
     )
 
 
-def test_probe_reads_a_balanced_run_and_refuses_others(tiny_root, tmp_path):
+def test_probe_reads_balanced_and_uniform_runs(tiny_root, tmp_path):
     balanced = tmp_path / "balanced"
     run(balanced, tiny_root, "--online-steps", "200")
     result = replay_probe.probe(balanced)
@@ -57,15 +76,18 @@ def test_probe_reads_a_balanced_run_and_refuses_others(tiny_root, tmp_path):
     assert total == pytest.approx(float(tree[1]), rel=1e-4)
     assert num_leaves >= result["offline"]["n"] + 200
     assert 0.0 <= result["auroc_online_vs_offline"] <= 1.0
+    # the run pretrained itself: the start critics are its offline.npz's
+    rows = result["q_online"]["rows"]["all"]
+    assert 0 < rows["n"] <= 200 and np.isfinite(rows["q_minus_mc_start"])
 
     uniform = tmp_path / "uniform"
     run(uniform, tiny_root, "--online-steps", "100", "--replay", "uniform")
-    proc = probe_cli(uniform)
+    result = replay_probe.probe(uniform)
+    assert "offline" not in result and result["q_online"]["rows"]["all"]["n"] > 0
+    proc = probe_cli(tmp_path / "missing")
     assert proc.returncode != 0
     assert (
         proc.stderr.strip()
         .splitlines()[-1]
-        .endswith("--replay uniform; probe a --replay balanced run")
+        .endswith("no checkpoint.npz and config.json (an off2on_balanced run dir?)")
     )
-    proc = probe_cli(tmp_path / "missing")
-    assert proc.returncode != 0 and "no checkpoint.npz" in proc.stderr
