@@ -135,15 +135,17 @@ def nested_params(arrays, prefix: str) -> dict:
 
 
 def start_critics(run_dir: pathlib.Path, args: dict):
-    """The critics fine-tuning started from, or None where their file is gone."""
+    """The critics fine-tuning started from (the run's own offline.npz, else its
+    `--offline-checkpoint`: an exported ensemble or another run's offline.npz), or None where
+    that file is gone."""
     own = run_dir / "offline.npz"
-    if own.is_file():
-        with np.load(own, allow_pickle=False) as z:
-            return nested_params(z, "[0].critic.params")
-    exported = args.get("offline_checkpoint")
-    if exported and pathlib.Path(exported).is_file():
-        with np.load(exported, allow_pickle=False) as z:
-            return nested_params(z, "['critic']")
+    source = own if own.is_file() else pathlib.Path(args.get("offline_checkpoint") or "")
+    if not source.is_file():
+        return None
+    with np.load(source, allow_pickle=False) as z:
+        for prefix in ("[0].critic.params", "['critic']"):  # an offline phase's, an export's
+            if any(key.startswith(prefix) for key in z.files):
+                return nested_params(z, prefix)
     return None
 
 

@@ -53,6 +53,17 @@ def test_q_against_returns_by_hand():
     assert "q_start" not in no_start["rows"]["all"]
 
 
+def jax_leaves_equal(a, b) -> bool:
+    import jax
+
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    return (
+        len(la) > 0
+        and [p for p, _ in la] == [p for p, _ in lb]
+        and all(np.array_equal(x, y) for (_, x), (_, y) in zip(la, lb, strict=True))
+    )
+
+
 def probe_cli(run_dir):
     return subprocess.run(
         [sys.executable, "-m", "benchmarks.replay_probe", str(run_dir)],
@@ -79,6 +90,34 @@ def test_probe_reads_balanced_and_uniform_runs(tiny_root, tmp_path):
     # the run pretrained itself: the start critics are its offline.npz's
     rows = result["q_online"]["rows"]["all"]
     assert 0 < rows["n"] <= 200 and np.isfinite(rows["q_minus_mc_start"])
+    # a run fine-tuned from another run's offline.npz, or from an exported ensemble, finds it
+    own = replay_probe.start_critics(balanced, {})
+    other = replay_probe.start_critics(
+        tmp_path, {"offline_checkpoint": str(balanced / "offline.npz")}
+    )
+    assert jax_leaves_equal(own, other)
+    exported = tmp_path / "export"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.export_pretrained",
+            str(balanced),
+            "--out",
+            str(exported),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    from_export = replay_probe.start_critics(
+        tmp_path, {"offline_checkpoint": str(exported / "ensemble.npz")}
+    )
+    assert jax_leaves_equal(own, from_export)
+    assert (
+        replay_probe.start_critics(tmp_path, {"offline_checkpoint": str(tmp_path / "gone.npz")})
+        is None
+    )
 
     uniform = tmp_path / "uniform"
     run(uniform, tiny_root, "--online-steps", "100", "--replay", "uniform")
