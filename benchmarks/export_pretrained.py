@@ -42,19 +42,25 @@ def sha256_file(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
+def params_under(stored, prefix: str) -> dict:
+    """The nested parameter dict stored under `prefix` in a flat checkpoint (an open npz),
+    rebuilt from its key paths, e.g. "[0].critic.params['params']['Dense_0']['bias']"."""
+    params = {}
+    for key in stored.files:
+        if key.startswith(prefix):
+            *path, leaf = re.findall(r"\['([^']+)'\]", key[len(prefix) :])
+            node = params
+            for part in path:
+                node = node.setdefault(part, {})
+            node[leaf] = stored[key]
+    return params
+
+
 def ensemble_params(offline_npz: pathlib.Path) -> dict:
     """{"actor": policy params, "critic": twin-critic params} of an offline checkpoint, each leaf
     with the leading member axis, rebuilt as nested dicts from the checkpoint's key paths."""
-    params = {name: {} for name in PARTS}
     with np.load(offline_npz, allow_pickle=False) as stored:
-        for name, prefix in PARTS.items():
-            for key in stored.files:
-                if key.startswith(prefix):
-                    *path, leaf = re.findall(r"\['([^']+)'\]", key[len(prefix) :])
-                    node = params[name]
-                    for part in path:
-                        node = node.setdefault(part, {})
-                    node[leaf] = stored[key]
+        params = {name: params_under(stored, prefix) for name, prefix in PARTS.items()}
     if not params["actor"] or not params["critic"]:
         raise ExportError(f"{offline_npz} holds no CQL ensemble (is it an off2on/bred run?)")
     return params

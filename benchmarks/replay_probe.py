@@ -28,7 +28,6 @@ Markdown tables; `--out DIR` also writes `replay_probe.{md,json}` there.
 import argparse
 import json
 import pathlib
-import re
 import sys
 
 import numpy as np
@@ -36,12 +35,13 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "algorithms"))
-from benchmarks.q_calibration import discounted_returns_to_go  # noqa: E402
+from benchmarks.export_pretrained import params_under  # noqa: E402
+from benchmarks.q_calibration import discounted_returns_to_go, episode_bounds  # noqa: E402
 from common.checkpoints import atomic_write_text  # noqa: E402
 
 GAMMA = 0.99
 
-DR_KEY = ".density_ratio.params['params']['Dense_{}']['{}']"
+DR_PREFIX = ".density_ratio.params"
 DATA_KEY = ".buffer.storage.data['{}']"
 TRANSITION_FIELDS = ("observations", "actions", "rewards", "terminals", "timeouts")
 
@@ -105,8 +105,8 @@ def q_against_returns(q_now, q_start, rewards, episode_ids, gamma: float = GAMMA
     done = episode_ids >= 0
     returns = discounted_returns_to_go(rewards[done], episode_ids[done], gamma)
     ids = episode_ids[done]
-    starts = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1]
-    step_in_episode = np.arange(len(ids)) - np.repeat(starts, np.diff(np.r_[starts, len(ids)]))
+    starts, lengths = episode_bounds(ids)
+    step_in_episode = np.arange(len(ids)) - np.repeat(starts, lengths)
     rows = {}
     for name, keep in (
         ("all", np.ones(len(ids), bool)),
@@ -121,19 +121,6 @@ def q_against_returns(q_now, q_start, rewards, episode_ids, gamma: float = GAMMA
     return {"episodes": int(ids.max() + 1) if len(ids) else 0, "rows": rows}
 
 
-def nested_params(arrays, prefix: str) -> dict:
-    """The nested parameter dict stored under `prefix` in a flat checkpoint."""
-    out = {}
-    for key in arrays.files:
-        if key.startswith(prefix):
-            *path, leaf = re.findall(r"\['([^']+)'\]", key[len(prefix) :])
-            node = out
-            for part in path:
-                node = node.setdefault(part, {})
-            node[leaf] = arrays[key]
-    return out
-
-
 def start_critics(run_dir: pathlib.Path, args: dict):
     """The critics fine-tuning started from (the run's own offline.npz, else its
     `--offline-checkpoint`: an exported ensemble or another run's offline.npz), or None where
@@ -145,7 +132,7 @@ def start_critics(run_dir: pathlib.Path, args: dict):
     with np.load(source, allow_pickle=False) as z:
         for prefix in ("[0].critic.params", "['critic']"):  # an offline phase's, an export's
             if any(key.startswith(prefix) for key in z.files):
-                return nested_params(z, prefix)
+                return params_under(z, prefix)
     return None
 
 
@@ -161,18 +148,13 @@ def probe(run_dir: pathlib.Path) -> dict:
     args = json.loads(config.read_text())
     hidden = tuple(args["hidden_dims"])
     with np.load(ckpt, allow_pickle=False) as z:
-        if DR_KEY.format(0, "kernel") not in z.files:
+        dr_params = params_under(z, DR_PREFIX)
+        if not dr_params:
             raise ProbeError(
                 f"{ckpt}: no online state yet (still pretraining?); "
                 "probe it once fine-tuning has run"
             )
-        dr_params = {
-            "params": {
-                f"Dense_{i}": {n: z[DR_KEY.format(i, n)] for n in ("bias", "kernel")}
-                for i in range(len(hidden) + 1)
-            }
-        }
-        critics_now = nested_params(z, ".critic.params")
+        critics_now = params_under(z, ".critic.params")
         size, env_steps = int(z[".buffer.storage.size"]), int(z[".env_steps"])
         data = {k: z[DATA_KEY.format(k)][:size] for k in TRANSITION_FIELDS}
         tree = z[".buffer.tree"]
