@@ -89,3 +89,42 @@ def test_export_of_a_run_without_an_offline_phase_is_a_one_line_error(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "offline.npz does not exist" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+COMMITTED = sorted((REPO / "pretrained").glob("*/*/manifest.json"))
+
+
+@pytest.mark.parametrize("manifest_path", COMMITTED, ids=lambda p: p.parent.name)
+def test_committed_ensembles_match_their_manifests_and_load(manifest_path):
+    """Every ensemble under pretrained/ is the file its manifest names (sha256), has the
+    manifest's shapes, and loads into a run of the manifest's dataset, sizes and members."""
+    folder = manifest_path.parent
+    manifest = json.loads(manifest_path.read_text())
+    ensemble = folder / "ensemble.npz"
+    assert manifest["ensemble_sha256"] == hashlib.sha256(ensemble.read_bytes()).hexdigest()
+    assert folder.parent.name == manifest["dataset"]
+    assert manifest["flags"]["env"] == manifest["dataset"]
+    assert manifest["flags"]["offline_steps"] == manifest["offline_steps"]
+    n, hidden = manifest["ensemble_size"], tuple(manifest["hidden_dims"])
+    obs_dim, action_dim = manifest["obs_dim"], manifest["action_dim"]
+    with np.load(ensemble, allow_pickle=False) as stored:
+        arrays = {k: stored[k] for k in stored.files if stored[k].ndim >= 2}
+    assert arrays and all(a.shape[0] == n for a in arrays.values())
+    # The first layers read the observation (policy) and observation + action (critics).
+    first = {k.split("]")[0]: a.shape[-2] for k, a in arrays.items()
+             if k.endswith("['MLP_0']['Dense_0']['kernel']")}  # fmt: skip
+    assert first == {"['actor'": obs_dim, "['critic'": obs_dim + action_dim}, first
+    args = o2o.Args(ensemble_size=n, hidden_dims=hidden)
+    actor, critic = o2o.TanhGaussianPolicy(action_dim, hidden), o2o.Critic(hidden)
+    members = o2o.create_cql_members(
+        args, actor, critic, obs_dim, action_dim, jax.random.PRNGKey(0)
+    )
+    loaded = o2o.load_offline_ensemble(ensemble, members, manifest["dataset"], obs_dim, action_dim)
+    assert all(np.isfinite(x).all() for x in leaves(loaded.actor.params))
+    fresh, mine = leaves(members.actor.params), leaves(loaded.actor.params)
+    assert any(not np.array_equal(a, b) for a, b in zip(fresh, mine, strict=True))
+    other = (
+        "walker2d-medium-v2" if manifest["dataset"] != "walker2d-medium-v2" else "hopper-medium-v2"
+    )
+    with pytest.raises(CheckpointError, match=f"pretrained on {manifest['dataset']}, not {other}"):
+        o2o.load_offline_ensemble(ensemble, members, other, obs_dim, action_dim)
