@@ -51,18 +51,39 @@ from common.flags import ArgumentParser, Range, arg_type
 SCORE = "eval/normalized_score"
 
 
-def read_run(job, diagnostics: tuple[str, ...] = (), pool_start: bool = True) -> dict | None:
+# A run cut short (its machine lost, a time-limited lease ended) enters a report only when asked
+# (--include-truncated) and only past this share of its online budget: its last evaluation then
+# stands in for the final one, and the report names it and where it stopped.
+MIN_TRUNCATED_FRACTION = 0.9
+
+
+def read_run(
+    job, diagnostics: tuple[str, ...] = (), pool_start: bool = True, truncated: bool = False
+) -> dict | None:
     """`read_run_dir` of a sweep job with its variant, dataset and seed, or None if it has not
-    finished. `pool_start`: pool its start with its pretraining run's evaluations; off where one
-    pretraining serves every seed, as only the seed it was run with could (its evaluation seeds
-    match), and the seeds' starts would then differ in kind."""
-    if status(job) != "finished":
+    finished (with `truncated`: unless its evaluations reach MIN_TRUNCATED_FRACTION of its
+    online budget). `pool_start`: pool its start with its pretraining run's evaluations; off
+    where one pretraining serves every seed, as only the seed it was run with could (its
+    evaluation seeds match), and the seeds' starts would then differ in kind."""
+    if status(job) != "finished" and not (truncated and truncated_at(job.run_dir) is not None):
         return None
     pretraining = None
     if pool_start and "--offline-checkpoint" in job.argv:
         pretraining = pathlib.Path(job.argv[job.argv.index("--offline-checkpoint") + 1]).parent
     return {"variant": job.variant, "dataset": job.dataset, "seed": job.seed,
             **read_run_dir(job.run_dir, diagnostics, pretraining)}  # fmt: skip
+
+
+def truncated_at(run_dir: pathlib.Path) -> int | None:
+    """The online step of an unfinished run's last evaluation, if it reaches
+    MIN_TRUNCATED_FRACTION of the online budget (else None)."""
+    if not (run_dir / "config.json").is_file() or not (run_dir / "metrics.jsonl").is_file():
+        return None
+    config = json.loads((run_dir / "config.json").read_text())
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    steps = [row["step"] - config["offline_steps"] for row in rows if SCORE in row]
+    last = max(steps, default=0)
+    return last if last >= MIN_TRUNCATED_FRACTION * config["online_steps"] else None
 
 
 def pretraining_evaluations(pretraining: pathlib.Path | None, before: float) -> list[float]:
@@ -95,24 +116,30 @@ def read_run_dir(
     (walker2d TD3-BC: 70.8, 76.0 and 83.5 for one policy), so it is the mean of every
     evaluation of that policy: the fine-tuning's first and, with `pretraining` (the run dir
     the checkpoint came from), `pretraining_evaluations`. `pretrained_evaluations` counts them."""
-    summary = json.loads((run_dir / "summary.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     offline_steps, online_steps = config["offline_steps"], config["online_steps"]
-    evaluations = [summary["normalized_score_before_finetuning"]]
-    evaluations += pretraining_evaluations(pretraining, evaluations[0])
-    before = float(np.mean(evaluations))
-    after = summary["normalized_score_after_finetuning"]
     by_step = {}  # online env step -> score (the last evaluation logged at that step wins)
     traces = {key: {} for key in diagnostics}  # key -> {online env step: value}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
+        if SCORE in row and row["step"] >= offline_steps:
+            by_step[row["step"] - offline_steps] = row[SCORE]
         if row["step"] <= offline_steps:
             continue
-        if SCORE in row:
-            by_step[row["step"] - offline_steps] = row[SCORE]
         for key in diagnostics:
             if key in row:
                 traces[key][row["step"] - offline_steps] = row[key]
+    if (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        first, after = (summary[f"normalized_score_{k}_finetuning"] for k in ("before", "after"))
+        stopped_at = online_steps
+    else:  # a truncated run (see MIN_TRUNCATED_FRACTION): its last evaluation is its final one
+        summary, first = {}, by_step[0]
+        stopped_at = max(by_step)
+        after = by_step[stopped_at]
+    evaluations = [first] + pretraining_evaluations(pretraining, first)
+    before = float(np.mean(evaluations))
+    by_step.pop(0, None)
     curve = [(0, before)] + sorted(by_step.items())
     online = [(s, v) for s, v in curve if s > 0]
     early = [v for s, v in online if s <= 0.1 * online_steps] or [v for _, v in online[:1]]
@@ -126,6 +153,7 @@ def read_run_dir(
         "early_min": min(early) if early else math.nan,
         "late_mean": float(np.mean(late)) if late else math.nan,
         "online_steps": online_steps,
+        "stopped_at": stopped_at,
         "curve": curve,
         "traces": {key: sorted(t.items()) for key, t in traces.items()},
     }
@@ -223,6 +251,21 @@ def provenance(suite, budget, runs: list[dict], datasets: list[str], seeds: list
             )
         lines.append(text)
     return lines
+
+
+def truncation_lines(runs: list[dict]) -> list[str]:
+    """A report line naming the runs that stopped before their online budget, if any."""
+    cut = [r for r in runs if r["stopped_at"] < r["online_steps"]]
+    if not cut:
+        return []
+    where = ", ".join(
+        f"{r['variant']} seed {r['seed']} at {r['stopped_at'] / 1000:g}k" for r in cut
+    )
+    return [
+        f"Truncated runs ({len(cut)} of {len(runs)}): {where} of "
+        f"{cut[0]['online_steps'] / 1000:g}k online steps. Their *fine-tuned* score is their "
+        "last evaluation, not the final one; every other number is read the same way."
+    ]
 
 
 def iqm_with_ci(scores: dict[str, np.ndarray], reps: int = 2000) -> dict:
@@ -475,15 +518,20 @@ def report(
     out: pathlib.Path | None,
     datasets: list[str] | None = None,
     seeds: list[int] | None = None,
+    truncated: bool = False,
+    notes: list[str] | None = None,
 ):
-    """Write the suite's report; `datasets` / `seeds` restrict it like the runner's flags."""
+    """Write the suite's report; `datasets` / `seeds` restrict it like the runner's flags,
+    `truncated` admits runs cut short near their end (see MIN_TRUNCATED_FRACTION), and `notes`
+    are provenance paragraphs the runs cannot record (e.g. the machine they ran on)."""
     suite = load_suite(suite_name)
     budget = suite.budget(budget_name)
     out = out or REPO / "benchmarks" / "results" / suite.name / budget.name
     out.mkdir(parents=True, exist_ok=True)
     jobs = [j for j in expand(suite, budget, root, datasets, seeds) if j.variant != "pretrain"]
     pool_start = budget.pretraining_seed is None  # a pretraining per seed
-    runs = [r for r in (read_run(j, suite.diagnostics, pool_start) for j in jobs) if r is not None]
+    runs = [read_run(j, suite.diagnostics, pool_start, truncated) for j in jobs]
+    runs = [r for r in runs if r is not None]
     refs = read_reference(suite)
     datasets = list(datasets or suite.datasets_for(budget))
     seeds = sorted(set(seeds if seeds is not None else budget.seeds))
@@ -575,6 +623,7 @@ def report(
         f"{', '.join(map(str, seeds))}; {len(runs)} finished fine-tuning runs.",
         "",
         *[x for line in provenance(suite, budget, runs, datasets, seeds) for x in (line, "")],
+        *[x for line in truncation_lines(runs) + list(notes or []) for x in (line, "")],
         "D4RL normalized scores, mean ± sample std (n − 1) over seeds. *pretrained*: end of "
         "offline training (the start above); "
         "*fine-tuned*: end of the online budget; *lowest early*: lowest evaluation in the first "
@@ -645,6 +694,15 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--strict", action="store_true", help="exit 1 unless every (variant, dataset) has results"
     )
+    parser.add_argument(
+        "--include-truncated",
+        action="store_true",
+        help=f"also report unfinished runs whose evaluations reach "
+        f"{MIN_TRUNCATED_FRACTION:.0%} of the online budget (named in the report)",
+    )
+    parser.add_argument(
+        "--note", action="append", default=[], help="a provenance paragraph to add (repeatable)"
+    )
     return parser
 
 
@@ -666,7 +724,10 @@ def main(argv: list[str] | None = None) -> int:
             datasets = [d for d in args.datasets or [] if d in suite_datasets] or None
             if args.datasets and datasets is None:
                 continue
-            out, rows = report(name, args.budget, args.root, args.out, datasets, args.seeds)
+            out, rows = report(
+                name, args.budget, args.root, args.out, datasets, args.seeds,
+                args.include_truncated, args.note,
+            )  # fmt: skip
             done = sum(r["seeds"] > 0 for r in rows)
             print(f"{name}: {done}/{len(rows)} (variant, dataset) rows with results -> {out}")
             missing += [f"{name}: {r['variant']} on {r['dataset']}" for r in rows if not r["seeds"]]

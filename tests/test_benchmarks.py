@@ -211,6 +211,30 @@ def test_early_minimum_and_scores_of_a_run(tmp_path):
     assert run["curve"] == [(0, 50.0), (50, 30.0), (100, 20.0), (200, 10.0), (1000, 70.0)]
 
 
+def test_a_truncated_run_is_reported_only_when_asked_and_only_near_its_end(tmp_path):
+    suite = sweep.load_suite("td3c_table1")
+    jobs = {j.key: j for j in sweep.expand(suite, suite.budget("smoke"), tmp_path)}
+    near, early = jobs["hopper-medium-v2/seed0/td3"], jobs["hopper-medium-v2/seed0/td3c"]
+    for job, last in ((near, 1050), (early, 850)):  # stopped at 950 and at 750 of 1000 online
+        job.run_dir.mkdir(parents=True)
+        (job.run_dir / "config.json").write_text(
+            json.dumps({"offline_steps": 100, "online_steps": 1000})
+        )
+        rows = [(100, 40.0), (150, 20.0), (600, 50.0), (last - 50, 60.0), (last, 65.0)]
+        (job.run_dir / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, report.SCORE: v}) + "\n" for s, v in rows)
+        )
+    assert report.read_run(near) is None  # not finished, not asked for
+    assert report.read_run(early, truncated=True) is None  # 750 < 90% of 1000
+    run = report.read_run(near, truncated=True)
+    # no summary.json: the start is the evaluation at online step 0, the end the last one
+    assert (run["pretrained"], run["finetuned"], run["stopped_at"]) == (40.0, 65.0, 950)
+    assert run["early_min"] == 20.0 and run["late_mean"] == 62.5  # steps 900 and 950
+    assert run["curve"] == [(0, 40.0), (50, 20.0), (500, 50.0), (900, 60.0), (950, 65.0)]
+    (line,) = report.truncation_lines([run])
+    assert "td3 seed 0 at 0.95k of 1k" in line
+
+
 def _fake_run(run_dir, scores, dual, online_steps=1000, offline_steps=100, before=50.0):
     run_dir.mkdir(parents=True)
     config = {"offline_steps": offline_steps, "online_steps": online_steps, "dual_lr": 0.01}
