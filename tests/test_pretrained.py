@@ -21,10 +21,10 @@ from benchmarks import export_pretrained  # noqa: E402
 from common.checkpoints import CheckpointError  # noqa: E402
 
 
-def members_of(n, hidden=(32, 32)):
+def members_of(n, hidden=(32, 32), obs_dim=11, action_dim=3):
     args = o2o.Args(ensemble_size=n, hidden_dims=hidden)
-    actor, critic = o2o.TanhGaussianPolicy(3, hidden), o2o.Critic(hidden)
-    return o2o.create_cql_members(args, actor, critic, 11, 3, jax.random.PRNGKey(9))
+    actor, critic = o2o.TanhGaussianPolicy(action_dim, hidden), o2o.Critic(hidden)
+    return o2o.create_cql_members(args, actor, critic, obs_dim, action_dim, jax.random.PRNGKey(9))
 
 
 def leaves(tree):
@@ -108,17 +108,14 @@ def test_committed_ensembles_match_their_manifests_and_load(manifest_path):
     n, hidden = manifest["ensemble_size"], tuple(manifest["hidden_dims"])
     obs_dim, action_dim = manifest["obs_dim"], manifest["action_dim"]
     with np.load(ensemble, allow_pickle=False) as stored:
-        arrays = {k: stored[k] for k in stored.files if stored[k].ndim >= 2}
+        arrays = {k: stored[k] for k in stored.files}  # each array read once
+    arrays = {k: a for k, a in arrays.items() if a.ndim >= 2}
     assert arrays and all(a.shape[0] == n for a in arrays.values())
     # The first layers read the observation (policy) and observation + action (critics).
     first = {k.split("]")[0]: a.shape[-2] for k, a in arrays.items()
              if k.endswith("['MLP_0']['Dense_0']['kernel']")}  # fmt: skip
     assert first == {"['actor'": obs_dim, "['critic'": obs_dim + action_dim}, first
-    args = o2o.Args(ensemble_size=n, hidden_dims=hidden)
-    actor, critic = o2o.TanhGaussianPolicy(action_dim, hidden), o2o.Critic(hidden)
-    members = o2o.create_cql_members(
-        args, actor, critic, obs_dim, action_dim, jax.random.PRNGKey(0)
-    )
+    members = members_of(n, hidden, obs_dim, action_dim)
     loaded = o2o.load_offline_ensemble(ensemble, members, manifest["dataset"], obs_dim, action_dim)
     assert all(np.isfinite(x).all() for x in leaves(loaded.actor.params))
     fresh, mine = leaves(members.actor.params), leaves(loaded.actor.params)
