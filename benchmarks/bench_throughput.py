@@ -352,16 +352,18 @@ def main():
         "results": {},
     }
     data = synthetic_offline()
-    if "off2on_balanced" in args.only:
-        report["results"]["off2on_balanced"] = bench_off2on(data, args.quick)
-    if "bred" in args.only:
-        report["results"]["bred"] = bench_bred(data, args.quick)
-    if "td3_c" in args.only:
-        report["results"]["td3_c"] = bench_td3_c(data, args.quick)
-    if "aca" in args.only:
-        report["results"]["aca"] = bench_aca(data, args.quick)
-    if "sac" in args.only:
-        report["results"]["sac"] = bench_sac(args.quick)
+    benches = {
+        "off2on_balanced": lambda: bench_off2on(data, args.quick),
+        "bred": lambda: bench_bred(data, args.quick),
+        "td3_c": lambda: bench_td3_c(data, args.quick),
+        "aca": lambda: bench_aca(data, args.quick),
+        "sac": lambda: bench_sac(args.quick),
+    }
+    for name in ALGORITHMS:
+        if name in args.only:
+            report["results"][name] = benches[name]()
+            if args.out:  # an interrupted run (a time-limited accelerator lease) keeps what it has
+                atomic_write_text(args.out, json.dumps({**report, "partial": True}, indent=2))
     if args.memory:
         report["results"].setdefault("off2on_balanced", {}).update(bench_memory())
     report["bench_process_peak_rss_gb"] = round(
