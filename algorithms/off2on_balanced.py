@@ -34,6 +34,9 @@ Deviations and choices:
 - `--online-cql` keeps the CQL term online (Appendix E) with the fixed weight --cql-weight (no
   Lagrange tuning online).
 - The FQE initialisation of Sec. 3 (`--init fqe`) is not implemented.
+- `--dr-output softplus` (not the paper's method; default relu, the authors') replaces the
+  density-ratio net's output ReLU, whose w = 0 region has zero gradient, by a softplus: a
+  diagnostic for why balanced replay trails uniform replay on hopper-medium (algorithms/README.md).
 - Hidden layers use Flax's default initialisation (rlkit: fan-in uniform).
 - Q AUROC (Fig. 4b) is logged every epoch on a uniform sample of `--auroc-samples` 5000 online
   (s, a) pairs (the paper: all of them) with `--auroc-random-actions` 10 uniform actions per
@@ -144,6 +147,10 @@ class Args(lifecycle.RunFlags):
     """f: the online share of a batch right after the first epoch's samples enter"""
     dr_lr: flags.LearningRate = 3e-4
     """learning rate of the density-ratio network"""
+    dr_output: Literal["relu", "softplus"] = "relu"
+    """w's output layer: relu (the authors'; w = 0 has zero gradient, so a transition that
+    reaches it stays there, and out of the RL batches) or softplus (w > 0 everywhere: a
+    diagnostic, not the paper's method)"""
     dr_batch_size: flags.Count = 256
     """offline and online batch size of each density-ratio step"""
     online_cql: bool = False
@@ -173,15 +180,22 @@ def uniform_init(scale: float):
 class DensityRatio(nn.Module):
     """w(s, a) >= 0: MLP with a ReLU output; the last layer's bias starts at 1 and its weights in
     U(-3e-3, 3e-3) (authors' code), so w(s, a) ~ 1 everywhere at the start (with Flax's default
-    last-layer init, 1-23% of raw-observation inputs start at w = 0: zero gradient there)."""
+    last-layer init, 1-23% of raw-observation inputs start at w = 0: zero gradient there).
+    `output="softplus"` (--dr-output, a diagnostic) gives w > 0 everywhere, its bias starting
+    at log(e - 1) so that w ~ 1 at the start as well."""
 
     hidden_dims: tuple[int, ...] = (256, 256)
+    output: str = "relu"
 
     @nn.compact
     def __call__(self, obs, action):
         x = jnp.concatenate([obs, action], -1)
         for width in self.hidden_dims:
             x = nn.relu(nn.Dense(width)(x))
+        if self.output == "softplus":
+            bias = nn.initializers.constant(np.log(np.e - 1.0))  # softplus(bias) = 1
+            last = nn.Dense(1, kernel_init=uniform_init(3e-3), bias_init=bias)
+            return nn.softplus(last(x)).squeeze(-1)
         last = nn.Dense(1, kernel_init=uniform_init(3e-3), bias_init=nn.initializers.ones)
         return nn.relu(last(x)).squeeze(-1)
 
@@ -797,7 +811,7 @@ def main(args: Args) -> dict:
 
     actor = TanhGaussianPolicy(action_dim, args.hidden_dims)
     critic = Critic(args.hidden_dims)
-    density_ratio = DensityRatio(args.hidden_dims)
+    density_ratio = DensityRatio(args.hidden_dims, args.dr_output)
     key = jax.random.PRNGKey(args.seed)
     key, members_key, online_key, dr_key = jax.random.split(key, 4)
     members = create_cql_members(args, actor, critic, obs_dim, action_dim, members_key)

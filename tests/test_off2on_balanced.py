@@ -20,10 +20,11 @@ import off2on_balanced as o2o  # noqa: E402
 from common.buffers import PrioritizedBuffer  # noqa: E402
 
 
-def test_density_ratio_recovers_a_known_gaussian_ratio():
+@pytest.mark.parametrize("output", ["relu", "softplus"])
+def test_density_ratio_recovers_a_known_gaussian_ratio(output):
     """d_on = N(0.5, 1), d_off = N(0, 1) in one dimension (s = x, empty action):
     w* = exp(0.5 x - 0.125). Within 15% on [-1, 1.5] after JS training (Eq. 4)."""
-    net = o2o.DensityRatio((64, 64))
+    net = o2o.DensityRatio((64, 64), output)
     key = jax.random.PRNGKey(0)
     params = net.init(key, jnp.zeros((1, 1)), jnp.zeros((1, 0)))
     state = TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-3))
@@ -146,10 +147,12 @@ def test_ensemble_moments_gradient_is_finite_where_the_variance_would_cancel():
     np.testing.assert_allclose(grads[0], 0.0, atol=1e-6)  # equal means: no spread gradient
 
 
-def test_density_ratio_starts_near_one_everywhere():
+@pytest.mark.parametrize("output", ["relu", "softplus"])
+def test_density_ratio_starts_near_one_everywhere(output):
     """Last layer U(-3e-3, 3e-3), bias 1 (authors' init): w(s, a) ~ 1 even for raw,
-    large-scale observations, so no input starts in the dead region of the output ReLU."""
-    net = o2o.DensityRatio()
+    large-scale observations, so no input starts in the dead region of the output ReLU
+    (softplus: bias log(e - 1), softplus of which is 1)."""
+    net = o2o.DensityRatio(output=output)
     rng = np.random.default_rng(0)
     obs = jnp.asarray(rng.normal(0.0, 10.0, (4096, 17)), jnp.float32)
     act = jnp.asarray(rng.uniform(-1, 1, (4096, 6)), jnp.float32)
@@ -184,6 +187,27 @@ def small_online(args, num_offline=64, num_online=32, seed=0):
     state = o2o.create_online_state(args, members, offline, density_ratio, key, key)
     update = o2o.make_online_update(args, actor, critic, density_ratio, 2, num_offline)
     return state, update, (actor, critic, density_ratio), online
+
+
+def test_softplus_density_ratio_is_positive_where_relu_is_zero():
+    """--dr-output softplus: w = log(1 + exp(z)) of the same last-layer pre-activation z that
+    the ReLU net clips at 0 (checked in NumPy), so no transition has w = 0."""
+    rng = np.random.default_rng(1)
+    obs = rng.normal(0.0, 3.0, (256, 5)).astype(np.float32)
+    act = rng.uniform(-1, 1, (256, 2)).astype(np.float32)
+    relu_net, soft_net = o2o.DensityRatio((16,)), o2o.DensityRatio((16,), "softplus")
+    params = relu_net.init(jax.random.PRNGKey(0), obs[:1], act[:1])
+    params = jax.tree_util.tree_map(  # spread the last layer so that z < 0 for many inputs
+        lambda x: jnp.asarray(rng.normal(0.0, 1.0, x.shape), jnp.float32), params
+    )
+    p = ref.np_tree(params)["params"]
+    z = ref.dense(p["Dense_1"], np.maximum(ref.dense(p["Dense_0"], np.hstack([obs, act])), 0))
+    z = z[:, 0]
+    assert (z < 0).mean() > 0.2  # the ReLU net's w = 0 region
+    np.testing.assert_allclose(relu_net.apply(params, obs, act), np.maximum(z, 0), atol=1e-5)
+    w = np.asarray(soft_net.apply(params, obs, act))
+    np.testing.assert_allclose(w, np.log1p(np.exp(z)), rtol=1e-5, atol=1e-6)
+    assert w.min() > 0
 
 
 def np_density_ratio(params, obs, actions):
