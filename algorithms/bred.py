@@ -66,7 +66,7 @@ from common.checkpoints import (  # noqa: E402
     read_checkpoint_metadata,
     save_checkpoint,
 )
-from common.datasets import TRANSITION_KEYS, load_d4rl  # noqa: E402
+from common.datasets import TRANSITION_KEYS, load_d4rl, pretrained_data_note  # noqa: E402
 from common.envs import OnlineEnv  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
 from common.networks import Critic, TanhGaussianPolicy, tanh_gaussian  # noqa: E402
@@ -834,6 +834,8 @@ def main(args: Args) -> dict:
             args.offline_checkpoint, members, args.env, obs_dim, action_dim
         )
         print(f"offline ensemble loaded from {args.offline_checkpoint}")
+        if note := pretrained_data_note(args.offline_checkpoint, data.transitions):
+            print(note)
 
     # ---------------------------------------------------------------- offline phase
     run = lifecycle.open_run(args, "bred")

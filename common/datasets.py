@@ -21,7 +21,9 @@ here are re-exported below.
 
 import dataclasses
 import hashlib
+import json
 import os
+import pathlib
 import re
 import socket
 
@@ -215,6 +217,26 @@ def transitions_checksum(transitions: dict) -> str:
     for key in TRANSITION_KEYS:
         digest.update(np.ascontiguousarray(np.asarray(transitions[key], np.float32)).tobytes())
     return digest.hexdigest()
+
+
+def pretrained_data_note(checkpoint, transitions: dict) -> str | None:
+    """A one-line note when `checkpoint` has a manifest beside it (`benchmarks/export_pretrained`)
+    whose dataset checksum differs from the data loaded here (a dataset generated on another
+    machine or by another version of the recipe: the same recipe, not the same bytes), else
+    None. Fine-tuning still runs; the note says that its offline data are not the ones the
+    ensemble was pretrained on."""
+    manifest = pathlib.Path(checkpoint).parent / "manifest.json"
+    if not manifest.is_file():
+        return None
+    expected = json.loads(manifest.read_text()).get("dataset_transitions_sha256")
+    found = transitions_checksum(transitions)
+    if expected is None or expected == found:
+        return None
+    return (
+        f"note: the loaded dataset (sha256 {found[:12]}) is not the one {checkpoint} was "
+        f"pretrained on ({expected[:12]}, its manifest): regenerated elsewhere or by another "
+        "recipe version; fine-tuning goes on with the data loaded here"
+    )
 
 
 def observation_stats(observations, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:

@@ -169,3 +169,28 @@ def test_a_relative_root_works(tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "rel"))
     data = datasets.load_d4rl("walker2d-random-v2", allow_download=False, allow_generate=False)
     assert data.info.minari_id == dataset_id and data.info.num_transitions == 200
+
+
+def test_pretrained_data_note_compares_the_manifests_dataset_checksum(tmp_path):
+    """--offline-checkpoint with a manifest beside it: a note when the loaded transitions'
+    float32 bytes (TRANSITION_KEYS order; hashed here with hashlib) differ from the manifest's."""
+    import hashlib
+    import json
+
+    rng = np.random.default_rng(0)
+    sizes = {"observations": 3, "actions": 2, "rewards": 0, "next_observations": 3,
+             "terminals": 0, "timeouts": 0}  # fmt: skip
+    data = {k: rng.normal(size=(5, d) if d else 5) for k, d in sizes.items()}
+    digest = hashlib.sha256()
+    for key in ("observations", "actions", "rewards", "next_observations", "terminals",
+                "timeouts"):  # fmt: skip
+        digest.update(data[key].astype(np.float32).tobytes())
+    ensemble = tmp_path / "ensemble.npz"
+    assert datasets.pretrained_data_note(ensemble, data) is None  # no manifest: nothing to say
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"dataset_transitions_sha256": digest.hexdigest()}))
+    assert datasets.pretrained_data_note(ensemble, data) is None
+    changed = {**data, "rewards": data["rewards"] + 1e-3}
+    note = datasets.pretrained_data_note(ensemble, changed)
+    assert note.startswith("note:") and "\n" not in note
+    assert digest.hexdigest()[:12] in note and str(ensemble) in note
