@@ -22,6 +22,7 @@ SUITES = [
     "aca_no_entropy_backup",
     "aca_table2",
     "bred_fig3",
+    "off2on_dr_output",
     "off2on_fig3",
     "td3c_dual",
     "td3c_table1",
