@@ -173,7 +173,8 @@ def probe(run_dir: pathlib.Path) -> dict:
         )  # fmt: skip
 
     if args["replay"] == "balanced":  # the other schemes never train the density-ratio net
-        net = DensityRatio(hidden_dims=hidden)
+        # the run's own output layer (--dr-output; runs from before the flag used the ReLU)
+        net = DensityRatio(hidden_dims=hidden, output=args.get("dr_output", "relu"))
         w = batched(lambda o, a: net.apply(dr_params, o, a))(0, size)
         priorities = tree[tree.shape[0] // 2 :][:size]  # the sum-tree's leaves
         result |= summarize(

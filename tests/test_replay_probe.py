@@ -130,3 +130,28 @@ def test_probe_reads_balanced_and_uniform_runs(tiny_root, tmp_path):
         .splitlines()[-1]
         .endswith("no checkpoint.npz and config.json (an off2on_balanced run dir?)")
     )
+
+
+def test_probe_evaluates_a_softplus_run_with_its_own_output_layer(tiny_root, tmp_path):
+    """A --dr-output softplus run is probed with the softplus net: the offline mean of w equals
+    a NumPy forward pass of the checkpoint's density-ratio params (ReLU layers, softplus
+    output), and no transition sits at w = 0."""
+    run_dir = tmp_path / "softplus"
+    run(run_dir, tiny_root, "--online-steps", "200", "--dr-output", "softplus")
+    result = replay_probe.probe(run_dir)
+    with np.load(run_dir / "checkpoint.npz") as z:
+        obs = z[replay_probe.DATA_KEY.format("observations")][:2000]
+        act = z[replay_probe.DATA_KEY.format("actions")][:2000]
+        layers = {k: z[k] for k in z.files if k.startswith(replay_probe.DR_PREFIX)}
+
+    def layer(i, name):
+        (key,) = [k for k in layers if f"Dense_{i}" in k and k.endswith(f"['{name}']")]
+        return layers[key]
+
+    x = np.concatenate([obs, act], -1).astype(np.float64)
+    n = len({k.split("Dense_")[1].split("'")[0] for k in layers})
+    for i in range(n):
+        x = x @ layer(i, "kernel") + layer(i, "bias")
+        x = np.maximum(x, 0.0) if i < n - 1 else np.log1p(np.exp(x))
+    assert result["offline"]["w_mean"] == pytest.approx(x[:, 0].mean(), rel=1e-4)
+    assert result["offline"]["w_zero_share"] == 0.0 and result["online"]["w_zero_share"] == 0.0
