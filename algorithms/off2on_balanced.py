@@ -34,6 +34,10 @@ Deviations and choices:
 - `--online-cql` keeps the CQL term online (Appendix E) with the fixed weight --cql-weight (no
   Lagrange tuning online).
 - The FQE initialisation of Sec. 3 (`--init fqe`) is not implemented.
+- `--new-online-priority one` (not the paper's method; default max, the authors') gives each
+  epoch's new online samples priority 1 after the first epoch instead of the running maximum
+  (the initial-fraction priority, M f / ((1 - f) 1000) = 1000 on a 1M dataset): a diagnostic for
+  whether that per-epoch burst of the newest data costs balanced replay (algorithms/README.md).
 - `--dr-output softplus` (not the paper's method; default relu, the authors') replaces the
   density-ratio net's output ReLU, whose w = 0 region has zero gradient, by a softplus: a
   diagnostic for why balanced replay trails uniform replay on hopper-medium (algorithms/README.md).
@@ -147,6 +151,10 @@ class Args(lifecycle.RunFlags):
     """f: the online share of a batch right after the first epoch's samples enter"""
     dr_lr: flags.LearningRate = 3e-4
     """learning rate of the density-ratio network"""
+    new_online_priority: Literal["max", "one"] = "max"
+    """priority of each epoch's new online samples after the first epoch: max (the authors':
+    the largest seen, i.e. the initial-fraction priority, which never falls) or one (the
+    offline mean: a diagnostic, not the paper's method)"""
     dr_output: Literal["relu", "softplus"] = "relu"
     """w's output layer: relu (the authors'; w = 0 has zero gradient, so a transition that
     reaches it stays there, and out of the RL batches) or softplus (w > 0 everywhere: a
@@ -732,10 +740,17 @@ def make_online_update(args, actor, critic, density_ratio, action_dim, num_offli
         return state, metrics
 
     def insert(state: OnlineState, transitions: dict):
-        """Add one epoch of online transitions (at the default priority). Returns the state and
-        the key of the epoch's updates."""
+        """Add one epoch of online transitions (at the default priority; with
+        --new-online-priority one, after the first epoch, at 1). Returns the state and the key
+        of the epoch's updates."""
         key, loop_key = jax.random.split(state.key)
-        return state.replace(buffer=state.buffer.add_batch(transitions), key=key), loop_key
+        priorities = None
+        if args.new_online_priority == "one":
+            n = transitions["actions"].shape[0]
+            first_epoch = state.env_steps == 0
+            priorities = jnp.where(first_epoch, state.buffer.max_priority, 1.0) * jnp.ones(n)
+        buffer = state.buffer.add_batch(transitions, priorities)
+        return state.replace(buffer=buffer, key=key), loop_key
 
     def train(state: OnlineState, loop_key, first, last):
         """Updates first..last-1 of an epoch (update i draws fold_in(loop_key, i)) in one

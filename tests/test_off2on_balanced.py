@@ -189,6 +189,24 @@ def small_online(args, num_offline=64, num_online=32, seed=0):
     return state, update, (actor, critic, density_ratio), online
 
 
+@pytest.mark.parametrize("entry", ["max", "one"])
+def test_new_online_samples_enter_at_the_max_priority_or_at_one(entry):
+    """The first epoch's samples enter at the initial-fraction priority M f / ((1 - f) k) (here
+    64 * 0.5 / (0.5 * 32) = 2); later epochs' at the running maximum (the authors') or, with
+    --new-online-priority one, at 1. Read off the sum-tree's leaves."""
+    args = o2o.Args(ensemble_size=2, hidden_dims=(8,), batch_size=8, dr_batch_size=8,
+                    steps_per_epoch=32, new_online_priority=entry)  # fmt: skip
+    state, update, _, online = small_online(args)
+    half = jax.tree_util.tree_map(lambda x: x[:16], online)
+    state, _ = update(state, half, 0)  # the first epoch (env_steps 0), no updates
+    state = state.replace(env_steps=state.env_steps + 32)
+    state, _ = update(state, jax.tree_util.tree_map(lambda x: x[16:], online), 0)
+    leaves = np.asarray(state.buffer.tree[state.buffer.num_leaves :])
+    np.testing.assert_allclose(leaves[:64], 1.0)  # the offline data
+    np.testing.assert_allclose(leaves[64:80], 2.0)
+    np.testing.assert_allclose(leaves[80:96], 2.0 if entry == "max" else 1.0)
+
+
 def test_softplus_density_ratio_is_positive_where_relu_is_zero():
     """--dr-output softplus: w = log(1 + exp(z)) of the same last-layer pre-activation z that
     the ReLU net clips at 0 (checked in NumPy), so no transition has w = 0."""
