@@ -6,11 +6,13 @@
 small machine depends on the workload: a jitted offline update is XLA compute that can already
 use several cores, while fine-tuning alternates a single-threaded MuJoCo step with one small
 update. So for each workload of the TD3-C and ACA paper sweeps this runs the algorithm script
-as the runner does (same flags, generated hopper-medium-v2), once alone and then as two jobs at
-once (seeds 0 and 1), and reads each job's steady-state rate from its metrics.jsonl: steps
-between the second and the last logged line over their time stamps, so start-up, dataset
-loading and compilation are left out. speedup = (sum of the two concurrent rates) / (rate
-alone): above 1, two workers finish a sweep sooner. Fine-tuning workloads start from a short
+as the runner does (same flags, generated hopper-medium-v2), once alone, then as two jobs at
+once (seeds 0 and 1) sharing every CPU, then as two jobs each pinned to half the CPUs (as the
+runner's workers are unless `--no-pin-cores`; Linux only), and reads each job's steady-state
+rate from its metrics.jsonl: steps between the second and the last logged line over their time
+stamps, so start-up, dataset loading and compilation are left out. speedup = (sum of the two
+concurrent rates) / (rate alone): above 1, two workers finish a sweep sooner;
+pinned_over_unpinned compares the two pairs. Fine-tuning workloads start from a short
 pretraining made first (its quality does not change the cost of an update).
 
 Writes benchmarks/results/workers_<cpus>cpu.json (`--out` to choose) and prints it.
@@ -27,6 +29,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.machine import machine_info  # noqa: E402
+from benchmarks.run import core_groups  # noqa: E402
 from common.checkpoints import atomic_write_text  # noqa: E402
 from common.flags import ArgumentParser, Range, arg_type  # noqa: E402
 
@@ -59,19 +62,23 @@ def steady_rate(metrics: pathlib.Path, phase: str) -> float:
     return (s1 - s0) / (t1 - t0)
 
 
-def launch(script: str, flags: list, seed: int, run_dir: pathlib.Path) -> subprocess.Popen:
+def launch(
+    script: str, flags: list, seed: int, run_dir: pathlib.Path, cores: set[int] | None = None
+) -> subprocess.Popen:
+    """One job as the runner starts it; `cores`: pinned to these CPUs, as a pinned worker's."""
     argv = [sys.executable, f"algorithms/{script}", "--env", DATASET, "--seed", str(seed)]
     with open(run_dir.with_suffix(".log"), "w") as log:  # the child keeps its own descriptor
         return subprocess.Popen(
-            [*argv, *flags, *QUIET, "--run-dir", str(run_dir)], cwd=REPO, stdout=log, stderr=log
-        )
+            [*argv, *flags, *QUIET, "--run-dir", str(run_dir)], cwd=REPO, stdout=log, stderr=log,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
+        )  # fmt: skip
 
 
 def run_jobs(specs: list) -> float:
     """Run (script, flags, seed, run_dir) jobs at once; on an error stop the others and fail
     with its log."""
     start = time.perf_counter()
-    procs = [(launch(*spec), spec[-1]) for spec in specs]
+    procs = [(launch(*spec), spec[3]) for spec in specs]
     for proc, run_dir in procs:
         if proc.wait() != 0:
             for other, _ in procs:
@@ -98,6 +105,9 @@ def main(argv=None) -> int:
         "online_steps": args.online_steps,
         "workloads": {},
     }
+    # the runner's pinned workers (benchmarks/run.py --workers 2): each on its half of the CPUs
+    pinnable = hasattr(os, "sched_setaffinity")
+    groups = core_groups(sorted(os.sched_getaffinity(0)), 2) if pinnable else []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         pretrained = {}
@@ -115,6 +125,11 @@ def main(argv=None) -> int:
             wall_pair = run_jobs([(script, flags, seed, pair[seed]) for seed in (0, 1)])
             rate_alone = steady_rate(alone / "metrics.jsonl", phase)
             rates = [steady_rate(d / "metrics.jsonl", phase) for d in pair]
+            if groups:  # the same pair, each pinned to its worker's cores as the runner does
+                pinned = [tmp / f"{name}_pinned{seed}" for seed in (0, 1)]
+                specs = [(script, flags, seed, pinned[seed], groups[seed]) for seed in (0, 1)]
+                wall_pinned = run_jobs(specs)
+                rates_pinned = [steady_rate(d / "metrics.jsonl", phase) for d in pinned]
             result["workloads"][name] = {
                 "script": script,
                 "flags": shown,
@@ -124,6 +139,13 @@ def main(argv=None) -> int:
                 "wall_s_one_job_alone": round(wall_alone, 1),
                 "wall_s_two_jobs_at_once": round(wall_pair, 1),
             }
+            if groups:
+                result["workloads"][name] |= {
+                    "steps_per_s_each_of_two_pinned": [round(r, 1) for r in rates_pinned],
+                    "speedup_two_pinned_workers": round(sum(rates_pinned) / rate_alone, 3),
+                    "pinned_over_unpinned": round(sum(rates_pinned) / sum(rates), 3),
+                    "wall_s_two_pinned_jobs_at_once": round(wall_pinned, 1),
+                }
             print(name, json.dumps(result["workloads"][name]), flush=True)
     cpu = f"{os.cpu_count()}cpu"
     out = args.out or REPO / "benchmarks" / "results" / f"workers_{cpu}.json"

@@ -562,6 +562,64 @@ def test_schedule_counts_running_jobs_by_their_share_done(tmp_path):
     assert bar.n == 3
 
 
+def test_core_groups_split_the_cpus_into_disjoint_near_equal_parts():
+    from benchmarks.run import core_groups
+
+    assert core_groups([0, 1], 2) == [{0}, {1}]
+    assert core_groups([4, 0, 2, 1, 3], 2) == [{0, 1, 2}, {3, 4}]
+    assert core_groups([0, 1], 3) == []  # more workers than CPUs: nothing to pin
+    for n_cpus in range(1, 9):
+        for workers in range(1, n_cpus + 1):
+            groups = core_groups(list(range(n_cpus)), workers)
+            assert len(groups) == workers
+            assert set().union(*groups) == set(range(n_cpus))
+            assert sum(map(len, groups)) == n_cpus  # disjoint
+            assert max(map(len, groups)) - min(map(len, groups)) <= 1
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux and at least 2 CPUs",
+)
+def test_pinned_workers_run_their_jobs_on_disjoint_cores(monkeypatch):
+    from benchmarks import run
+
+    seen = []
+
+    def fake_execute(job, env, python=sys.executable, cores=None):
+        # the child reports the CPUs it may run on, after the runner's pre-exec setup
+        probe = "import os, time; time.sleep(1.0); print(sorted(os.sched_getaffinity(0)))"
+        out = subprocess.run(
+            [sys.executable, "-c", probe], preexec_fn=run._child_setup(cores),
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        seen.append((job, cores, set(json.loads(out))))
+        return 0
+
+    monkeypatch.setattr(run, "execute", fake_execute)
+    cpus = set(os.sched_getaffinity(0))
+    launch, wait_any, close = run.local_backend(2, {}, pin=True)
+    handles = [launch("job a"), launch("job b")]
+    while handles:
+        for handle, code in wait_any(handles, 30).items():
+            assert code == 0
+            handles.remove(handle)
+    close()
+    assert sorted(job for job, _, _ in seen) == ["job a", "job b"]
+    (_, cores_a, ran_a), (_, cores_b, ran_b) = seen
+    assert ran_a == cores_a and ran_b == cores_b  # the child ran where it was pinned
+    assert not ran_a & ran_b and ran_a | ran_b == cpus
+
+    seen.clear()
+    launch, wait_any, close = run.local_backend(2, {}, pin=False)
+    handles = [launch("job c")]
+    while handles:
+        for handle in wait_any(handles, 30):
+            handles.remove(handle)
+    close()
+    assert seen[0][1] is None and seen[0][2] == cpus  # not pinned: every CPU
+
+
 def test_schedule_keeps_suites_apart_when_their_job_keys_repeat(tmp_path):
     """Every suite has e.g. hopper-medium-v2/seed0/pretrain: one suite's finished pretraining
     must not release another suite's fine-tuning jobs."""
