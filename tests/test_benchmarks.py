@@ -581,43 +581,41 @@ def test_core_groups_split_the_cpus_into_disjoint_near_equal_parts():
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
     reason="needs Linux and at least 2 CPUs",
 )
-def test_pinned_workers_run_their_jobs_on_disjoint_cores(monkeypatch):
-    from benchmarks import run
-
-    seen = []
-
-    def fake_execute(job, env, python=sys.executable, cores=None):
-        # the child reports the CPUs it may run on, after the runner's pre-exec setup
-        probe = "import os, time; time.sleep(1.0); print(sorted(os.sched_getaffinity(0)))"
-        out = subprocess.run(
-            [sys.executable, "-c", probe], preexec_fn=run._child_setup(cores),
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-        seen.append((job, cores, set(json.loads(out))))
-        return 0
-
-    monkeypatch.setattr(run, "execute", fake_execute)
-    cpus = set(os.sched_getaffinity(0))
-    launch, wait_any, close = run.local_backend(2, {}, pin=True)
-    handles = [launch("job a"), launch("job b")]
+def test_pinned_workers_run_their_jobs_on_disjoint_cores():
+    # In a fresh interpreter, as the runner is (no JAX threads there to fork beside): the local
+    # backend's two worker slots run two jobs at once, each job a child that reports the CPUs it
+    # may run on after the runner's pre-exec setup; then one job with pinning off.
+    script = """
+import json, os, subprocess, sys
+from benchmarks import run
+seen = []
+def fake_execute(job, env, python=sys.executable, cores=None):
+    probe = "import os, time; time.sleep(1.0); print(sorted(os.sched_getaffinity(0)))"
+    out = subprocess.run([sys.executable, "-c", probe], preexec_fn=run._child_setup(cores),
+                         capture_output=True, text=True, check=True).stdout
+    seen.append([job, sorted(cores) if cores else None, json.loads(out)])
+    return 0
+run.execute = fake_execute
+for pin, jobs in ((True, ["job a", "job b"]), (False, ["job c"])):
+    launch, wait_any, close = run.local_backend(2, {}, pin=pin)
+    handles = [launch(job) for job in jobs]
     while handles:
         for handle, code in wait_any(handles, 30).items():
             assert code == 0
             handles.remove(handle)
     close()
-    assert sorted(job for job, _, _ in seen) == ["job a", "job b"]
-    (_, cores_a, ran_a), (_, cores_b, ran_b) = seen
-    assert ran_a == cores_a and ran_b == cores_b  # the child ran where it was pinned
-    assert not ran_a & ran_b and ran_a | ran_b == cpus
-
-    seen.clear()
-    launch, wait_any, close = run.local_backend(2, {}, pin=False)
-    handles = [launch("job c")]
-    while handles:
-        for handle in wait_any(handles, 30):
-            handles.remove(handle)
-    close()
-    assert seen[0][1] is None and seen[0][2] == cpus  # not pinned: every CPU
+print(json.dumps(seen))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = {job: (cores, ran) for job, cores, ran in json.loads(proc.stdout)}
+    cpus = sorted(os.sched_getaffinity(0))
+    (cores_a, ran_a), (cores_b, ran_b) = seen["job a"], seen["job b"]
+    assert ran_a == cores_a and ran_b == cores_b  # each child ran where its worker pinned it
+    assert not set(ran_a) & set(ran_b) and sorted(ran_a + ran_b) == cpus
+    assert seen["job c"] == (None, cpus)  # pinning off: every CPU
 
 
 def test_schedule_keeps_suites_apart_when_their_job_keys_repeat(tmp_path):
