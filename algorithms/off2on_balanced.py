@@ -748,7 +748,7 @@ def make_online_update(args, actor, critic, density_ratio, action_dim, num_offli
         if args.new_online_priority == "one":
             n = transitions["actions"].shape[0]
             first_epoch = state.env_steps == 0
-            priorities = jnp.where(first_epoch, state.buffer.max_priority, 1.0) * jnp.ones(n)
+            priorities = jnp.full(n, jnp.where(first_epoch, state.buffer.max_priority, 1.0))
         buffer = state.buffer.add_batch(transitions, priorities)
         return state.replace(buffer=buffer, key=key), loop_key
 

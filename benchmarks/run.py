@@ -80,7 +80,10 @@ def core_groups(cores: list[int], workers: int) -> list[set[int]]:
 def _child_setup(cores: set[int] | None):
     def setup():  # runs in the child before exec
         if cores:
-            os.sched_setaffinity(0, cores)  # inherited by every thread the job starts
+            try:
+                os.sched_setaffinity(0, cores)  # inherited by every thread the job starts
+            except OSError:  # a sandbox that forbids it: the job runs unpinned
+                pass
         _die_with_parent()
 
     return setup
