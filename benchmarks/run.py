@@ -246,6 +246,17 @@ def _scores(job: Job) -> str:
     return f", normalized score {before:.1f} -> {after:.1f}"
 
 
+def shared_accelerator_env(workers: int, environ) -> dict:
+    """Environment for `workers` jobs sharing one GPU/TPU: JAX preallocates 75% of an
+    accelerator's memory per process, so a second job would fail to allocate. Each job gets
+    0.9 / workers of it instead (no effect on a CPU), unless the user chose a fraction or turned
+    preallocation off."""
+    chosen = {"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE"} & set(environ)
+    if workers == 1 or chosen:
+        return {}
+    return {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{min(0.75, 0.9 / workers):.3f}"}
+
+
 def local_backend(workers: int, env: dict, pin: bool = False):
     """`pin`: each worker slot owns a disjoint group of this process's CPUs and pins its jobs to
     it (Linux; elsewhere, or with more workers than CPUs, nothing is pinned). On the 2-core
@@ -398,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Compiled XLA programs are cached across the sweep's processes (same shapes, same program).
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(args.root / "jax_cache"))
+    if args.backend == "local":
+        env.update(shared_accelerator_env(args.workers, os.environ))
     finished = sum(status(j) == "finished" for j in jobs)
     print(f"{len(jobs)} jobs ({finished} already finished) -> {args.root}")
     signal.signal(signal.SIGTERM, _stop_children)

@@ -618,6 +618,20 @@ print(json.dumps(seen))
     assert seen["job c"] == (None, cpus)  # pinning off: every CPU
 
 
+def test_workers_sharing_an_accelerator_split_its_memory_unless_the_user_chose():
+    from benchmarks.run import shared_accelerator_env
+
+    def fraction(workers, environ=None):
+        out = shared_accelerator_env(workers, environ or {})
+        return float(out["XLA_PYTHON_CLIENT_MEM_FRACTION"]) if out else None
+
+    assert fraction(1) is None  # one job keeps JAX's default preallocation
+    assert fraction(2) == 0.45 and fraction(9) == 0.1  # together at most 90% of the device
+    assert fraction(3) * 3 <= 0.9 + 1e-9
+    assert fraction(4, {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2"}) is None
+    assert fraction(4, {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}) is None
+
+
 def test_schedule_keeps_suites_apart_when_their_job_keys_repeat(tmp_path):
     """Every suite has e.g. hopper-medium-v2/seed0/pretrain: one suite's finished pretraining
     must not release another suite's fine-tuning jobs."""
