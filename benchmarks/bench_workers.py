@@ -29,7 +29,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.machine import machine_info  # noqa: E402
-from benchmarks.run import core_groups  # noqa: E402
+from benchmarks.run import child_setup, core_groups  # noqa: E402
 from common.checkpoints import atomic_write_text  # noqa: E402
 from common.flags import ArgumentParser, Range, arg_type  # noqa: E402
 
@@ -70,7 +70,7 @@ def launch(
     with open(run_dir.with_suffix(".log"), "w") as log:  # the child keeps its own descriptor
         return subprocess.Popen(
             [*argv, *flags, *QUIET, "--run-dir", str(run_dir)], cwd=REPO, stdout=log, stderr=log,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
+            preexec_fn=child_setup(cores),
         )  # fmt: skip
 
 

@@ -77,7 +77,10 @@ def core_groups(cores: list[int], workers: int) -> list[set[int]]:
     return groups
 
 
-def _child_setup(cores: set[int] | None):
+def child_setup(cores: set[int] | None):
+    """A `preexec_fn` for a job's process: pin it to `cores` (if any) and have it stopped when
+    the runner dies. Shared with bench_workers so the benchmark starts jobs as the runner does."""
+
     def setup():  # runs in the child before exec
         if cores:
             try:
@@ -107,7 +110,7 @@ def execute(
         log.flush()
         proc = subprocess.Popen(
             job.command(python), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, **env}, preexec_fn=_child_setup(cores),
+            env={**os.environ, **env}, preexec_fn=child_setup(cores),
         )  # fmt: skip
         _RUNNING[job.uid] = proc
         try:

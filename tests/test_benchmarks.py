@@ -591,7 +591,7 @@ from benchmarks import run
 seen = []
 def fake_execute(job, env, python=sys.executable, cores=None):
     probe = "import os, time; time.sleep(1.0); print(sorted(os.sched_getaffinity(0)))"
-    out = subprocess.run([sys.executable, "-c", probe], preexec_fn=run._child_setup(cores),
+    out = subprocess.run([sys.executable, "-c", probe], preexec_fn=run.child_setup(cores),
                          capture_output=True, text=True, check=True).stdout
     seen.append([job, sorted(cores) if cores else None, json.loads(out)])
     return 0
