@@ -57,7 +57,8 @@ class Variant:
 # (its lowest early evaluation against its start), flat / improves (its late mean against its
 # start), beats (its late mean against the `than` variant's on the same dataset and seed). The
 # thresholds are report.py's COLLAPSE_FRACTION, FLAT_BAND and TESTABLE_START, stated only there.
-CLAIM_KINDS = ("collapses", "holds", "flat", "improves", "beats")
+CLAIM_KINDS = ("collapses", "holds", "flat", "improves", "beats", "learns_faster")
+COMPARATIVE_KINDS = ("beats", "learns_faster")  # against another variant (`than`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,7 @@ class Claim:
     text: str  # the paper's claim in words, e.g. "TD3 collapses early"
     variant: str
     kind: str  # one of CLAIM_KINDS
-    than: str | None = None  # the other variant, for "beats"
+    than: str | None = None  # the other variant, for "beats" and "learns_faster"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +145,10 @@ def load_suite(name: str) -> Suite:
             raise SweepError(
                 f"{path.name}: claim {claim.text!r} names variants outside the suite: {unknown}"
             )
-        if (claim.kind == "beats") != (claim.than is not None):
+        if (claim.kind in COMPARATIVE_KINDS) != (claim.than is not None):
             raise SweepError(
-                f"{path.name}: claim {claim.text!r}: give `than` (the variant it beats) exactly "
-                "when its kind is 'beats'"
+                f"{path.name}: claim {claim.text!r}: give `than` (the variant it is compared "
+                f"with) exactly when its kind is one of {COMPARATIVE_KINDS}"
             )
         claims.append(claim)
     return Suite(

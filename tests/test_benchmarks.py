@@ -210,6 +210,8 @@ def test_early_minimum_and_scores_of_a_run(tmp_path):
     # 10% of the 1000 online steps; the last evaluation logged at a step wins
     assert run["early_min"] == 20.0 and run["delta"] == 20.0
     assert run["curve"] == [(0, 50.0), (50, 30.0), (100, 20.0), (200, 10.0), (1000, 70.0)]
+    # the mean over fine-tuning: its evaluations only, not the pretrained start (50)
+    assert run["mean_online"] == (30.0 + 20.0 + 10.0 + 70.0) / 4
 
 
 def test_a_truncated_run_is_reported_only_when_asked_and_only_near_its_end(tmp_path):
@@ -884,8 +886,9 @@ def test_each_claim_kind_by_its_threshold():
     def claim(kind, than=None):
         return sweep.Claim("c", "a", kind, than)
 
-    def run(start, early, late):
-        return {"pretrained": start, "early_min": early, "late_mean": late}
+    def run(start, early, late, mean_online=0.0):
+        return {"pretrained": start, "early_min": early, "late_mean": late,
+                "mean_online": mean_online}  # fmt: skip
 
     assert report.check_claim(claim("collapses"), run(40.0, 19.9, 0.0))[0] is True
     assert report.check_claim(claim("collapses"), run(40.0, 20.0, 0.0))[0] is False
@@ -901,6 +904,12 @@ def test_each_claim_kind_by_its_threshold():
     assert report.check_claim(beats, run(40.0, 0.0, 60.0), run(40.0, 0.0, 59.0))[0] is True
     assert report.check_claim(beats, run(40.0, 0.0, 60.0), run(40.0, 0.0, 61.0))[0] is False
     assert report.check_claim(beats, run(40.0, 0.0, 60.0), None)[0] is None
+    # learns faster: the mean over all of fine-tuning decides, whatever the late means say
+    faster = claim("learns_faster", "b")
+    verdict = report.check_claim(faster, run(40.0, 0.0, 50.0, 45.0), run(40.0, 0.0, 90.0, 44.0))
+    assert verdict == (True, "45.0 vs 44.0")
+    slower = report.check_claim(faster, run(40.0, 0.0, 90.0, 44.0), run(40.0, 0.0, 50.0, 45.0))
+    assert slower == (False, "44.0 vs 45.0")
     # a run without online evaluations (NaN lowest-early and late mean) tests nothing
     nan = float("nan")
     for kind in ("collapses", "holds", "flat", "improves"):
@@ -971,7 +980,7 @@ def test_a_claim_naming_an_unknown_variant_or_kind_is_a_one_line_error(tmp_path,
     for bad, words in (
         (CLAIMS_SUITE.replace('kind = "collapses"', 'kind = "collapse"'), "has kind 'collapse'"),
         (CLAIMS_SUITE.replace('than = "td3"', 'than = "sac"'), r"outside the suite: \['sac'\]"),
-        (CLAIMS_SUITE.replace('than = "td3"\n', ""), "exactly when its kind is 'beats'"),
+        (CLAIMS_SUITE.replace('than = "td3"\n', ""), "exactly when its kind is one of"),
         (CLAIMS_SUITE.replace('variant = "td3c"\n', ""), r"lacks \['variant'\]"),
     ):
         (tmp_path / "suites" / "bad.toml").write_text(bad)
