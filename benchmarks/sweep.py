@@ -55,7 +55,8 @@ class Variant:
 
 # What a claim asserts of one run, checked by the report's "claims" section: collapses / holds
 # (its lowest early evaluation against its start), flat / improves (its late mean against its
-# start), beats (its late mean against the `than` variant's on the same dataset and seed). The
+# start), beats (its late mean against the `than` variant's on the same dataset and seed),
+# learns_faster (the mean of all its fine-tuning evaluations against the `than` variant's). The
 # thresholds are report.py's COLLAPSE_FRACTION, FLAT_BAND and TESTABLE_START, stated only there.
 CLAIM_KINDS = ("collapses", "holds", "flat", "improves", "beats", "learns_faster")
 COMPARATIVE_KINDS = ("beats", "learns_faster")  # against another variant (`than`)
