@@ -710,8 +710,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--include-truncated",
         action="store_true",
+        # argparse %-formats help strings: the percent sign is written %%.
         help=f"also report unfinished runs whose evaluations reach "
-        f"{MIN_TRUNCATED_FRACTION:.0%} of the online budget (named in the report)",
+        f"{MIN_TRUNCATED_FRACTION:.0%}% of the online budget (named in the report)",
     )
     parser.add_argument(
         "--note", action="append", default=[], help="a provenance paragraph to add (repeatable)"
