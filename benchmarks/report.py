@@ -86,17 +86,29 @@ def truncated_at(run_dir: pathlib.Path) -> int | None:
     return last if last >= MIN_TRUNCATED_FRACTION * config["online_steps"] else None
 
 
+def pretraining_first(pretraining: pathlib.Path | None) -> float | None:
+    """The pretraining run's own first evaluation of its final policy (summary.json's "before",
+    on the episode seeds a fine-tuning's first evaluation uses), or None without one. It differs
+    from a fine-tuning's first when the policies differ, and also for one policy evaluated on
+    another machine: XLA's floating point differs between CPUs and walker2d amplifies it
+    (td3c_table1 walker2d seed 0's TD3-BC policy: 70.8 where it was trained, 81.4 on a later
+    machine, same parameters and episode seeds)."""
+    if pretraining is None or not (pretraining / "summary.json").is_file():
+        return None
+    return json.loads((pretraining / "summary.json").read_text())[
+        "normalized_score_before_finetuning"
+    ]
+
+
 def pretraining_evaluations(pretraining: pathlib.Path | None, before: float) -> list[float]:
     """The pretraining run's evaluations of its final policy (those logged at its last step: the
     periodic one and the final one, each on its own evaluation seeds), when the fine-tuning run
     demonstrably starts from that policy: its own first evaluation (`before`, seed + 10**6)
     equals the pretraining's, which used the same seeds. Otherwise (no pretraining run dir: a
     committed checkpoint; BRED's distilled policy; a pretraining shared across fine-tuning
-    seeds, whose evaluation seeds differ) none."""
-    if pretraining is None or not (pretraining / "summary.json").is_file():
-        return []
-    summary = json.loads((pretraining / "summary.json").read_text())
-    if summary["normalized_score_before_finetuning"] != before:
+    seeds, whose evaluation seeds differ; a pretraining run on another machine, whose floating
+    point differs: see `pretraining_first`) none."""
+    if pretraining_first(pretraining) != before:
         return []
     last = json.loads((pretraining / "config.json").read_text())["offline_steps"]
     rows = map(json.loads, (pretraining / "metrics.jsonl").read_text().splitlines())
@@ -148,6 +160,11 @@ def read_run_dir(
         "dataset_id": summary.get("dataset", ""),  # the Minari id the run loaded
         "pretrained": before,
         "pretrained_evaluations": len(evaluations),
+        # the pretraining run's own evaluation on the same episode seeds (NaN without one): equal
+        # to the fine-tuning's first where the start pools, the reason named where it does not
+        "pretraining_first": (
+            math.nan if (value := pretraining_first(pretraining)) is None else value
+        ),
         "finetuned": after,
         "delta": after - before,
         "early_min": min(early) if early else math.nan,
@@ -216,6 +233,18 @@ def provenance(suite, budget, runs: list[dict], datasets: list[str], seeds: list
         counts = " or ".join(map(str, sorted({r["pretrained_evaluations"] for r in pooled})))
         where = "" if len(pooled) == len(runs) else f"on {len(pooled)} of {len(runs)} runs "
         rest = "" if len(pooled) == len(runs) else "; on the others the fine-tuning's first"
+        unpaired = sorted(
+            {(r["dataset"], r["seed"], r["pretraining_first"], r["pretrained"]) for r in runs
+             if r["pretrained_evaluations"] == 1 and not math.isnan(r["pretraining_first"])}
+        )  # fmt: skip
+        if unpaired:
+            rest += (
+                " (" + "; ".join(
+                    f"{d} seed {s}: {v:.1f} in its pretraining run, {first:.1f} in its "
+                    "fine-tuning, on the same episode seeds"
+                    for d, s, v, first in unpaired
+                ) + ": another machine's floating point or another policy, so not pooled)"
+            )  # fmt: skip
         lines.append(
             f"Start (*pretrained*, the claims' reference): {where}the mean of {counts} "
             "evaluations of the pretrained policy, each on its own seeds (its pretraining run's "

@@ -291,10 +291,20 @@ def test_report_says_what_was_run_and_on_which_data():
     suite = sweep.load_suite("aca_table2")
     paper, smoke = suite.budget("paper"), suite.budget("smoke")
     runs = [{"dataset_id": "o2o/hopper/medium-v0", "pretrained_evaluations": 3},
-            {"dataset_id": "mujoco/hopper/medium-v0", "pretrained_evaluations": 1}]  # fmt: skip
+            {"dataset_id": "mujoco/hopper/medium-v0", "pretrained_evaluations": 1,
+             "dataset": "hopper-medium-v2", "seed": 1, "pretrained": 48.0,
+             "pretraining_first": math.nan}]  # fmt: skip
     lines = report.provenance(suite, paper, runs, ["hopper-medium-v2"], [0, 1])
     assert lines[0].startswith("Start (*pretrained*, the claims' reference): on 1 of 2 runs the")
-    assert "mean of 3 evaluations" in lines[0] and "on the others the fine-tuning's" in lines[0]
+    assert "mean of 3 evaluations" in lines[0]
+    assert lines[0].endswith("on the others the fine-tuning's first.")
+    # a pretraining run that evaluated the same seeds differently is named, with both numbers
+    unpaired = [runs[0], {**runs[1], "pretraining_first": 50.04}]
+    start = report.provenance(suite, paper, unpaired, ["hopper-medium-v2"], [0, 1])[0]
+    assert start.endswith("on the others the fine-tuning's first (hopper-medium-v2 seed 1: 50.0 "
+                          "in its pretraining run, 48.0 in its fine-tuning, on the same episode "
+                          "seeds: another machine's floating point or another policy, so not "
+                          "pooled).")  # fmt: skip
     assert lines[1] == "Ran here: 1 of the budget's 15 datasets, 2 of its 5 seeds."
     assert "`mujoco/hopper/medium-v0`, `o2o/hopper/medium-v0`" in lines[2]
     assert "generated with the D4RL recipe" in lines[2]
@@ -340,8 +350,10 @@ def test_the_start_pools_every_evaluation_of_the_pretrained_policy(tmp_path):
     _fake_run(tmp_path / "other", [(100, 20.0), (1000, 80.0)], [], before=48.0)
     run = report.read_run_dir(tmp_path / "other", pretraining=checkpoint.parent)
     assert run["pretrained_evaluations"] == 1 and run["pretrained"] == 48.0
+    assert run["pretraining_first"] == 50.0  # kept, for the report to name the unpooled start
     # a committed checkpoint has no pretraining run beside it
-    assert report.read_run_dir(tmp_path / "same", pretraining=tmp_path)["pretrained"] == 50.0
+    committed = report.read_run_dir(tmp_path / "same", pretraining=tmp_path)
+    assert committed["pretrained"] == 50.0 and math.isnan(committed["pretraining_first"])
     # a sweep job finds its pretraining run from its --offline-checkpoint flag
     _fake_run(td3.run_dir, [(100, 20.0), (1000, 80.0)], [], before=50.0)
     assert report.read_run(td3)["pretrained"] == pytest.approx(start)
