@@ -35,6 +35,7 @@ import time
 
 from tqdm import tqdm
 
+from benchmarks.machine import machine_info
 from benchmarks.sweep import (
     BUDGETS,
     DEFAULT_ROOT,
@@ -101,10 +102,16 @@ def execute(
     if status(job) == "new" and job.run_dir.exists():
         shutil.rmtree(job.run_dir)  # an attempt that never reached a checkpoint: start over
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"argv": list(job.argv), "suite": job.suite}
+    # Every start (the first and each resume) appends the machine it ran on: XLA's floating
+    # point differs between CPUs, so a run resumed elsewhere, or a fine-tuning run on another
+    # machine than its pretraining, differs from a run on one machine (see report.py's start).
+    path = job.run_dir / "job.json"
+    starts = json.loads(path.read_text()).get("starts", []) if path.exists() else []
+    starts.append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **machine_info()})
+    record = {"argv": list(job.argv), "suite": job.suite, "starts": starts}
     tmp = job.run_dir / "job.json.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, job.run_dir / "job.json")
+    os.replace(tmp, path)
     with open(job.run_dir / "log.txt", "a") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(job.command(python))}\n")
         log.flush()

@@ -434,6 +434,14 @@ def test_runner_killed_midway_finishes_without_redoing_or_losing_runs(tmp_path, 
     assert len(_headers(base / "pretrain")) == 1
     headers = _headers(base / "td3")
     assert len(headers) == 2 and "--resume" in headers[1] and "--resume" not in headers[0]
+    # job.json keeps the machine of every start, the resumed job's two (floating point differs
+    # between CPUs, so a run resumed elsewhere must say so)
+    starts = {
+        v: json.loads((base / v / "job.json").read_text())["starts"] for v in ("pretrain", "td3")
+    }
+    assert [len(starts["pretrain"]), len(starts["td3"])] == [1, 2]
+    assert starts["td3"][0]["time"] <= starts["td3"][1]["time"]
+    assert all(s["cpus"] == os.cpu_count() and s["arch"] for s in starts["td3"])
     for variant in ("td3", "td3c"):
         rows = [json.loads(x) for x in (base / variant / "metrics.jsonl").read_text().splitlines()]
         for key in ("online/critic_loss", "eval/normalized_score"):
