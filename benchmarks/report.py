@@ -100,15 +100,17 @@ def pretraining_first(pretraining: pathlib.Path | None) -> float | None:
     ]
 
 
-def pretraining_evaluations(pretraining: pathlib.Path | None, before: float) -> list[float]:
+def pretraining_evaluations(
+    pretraining: pathlib.Path | None, before: float, pretraining_before: float | None
+) -> list[float]:
     """The pretraining run's evaluations of its final policy (those logged at its last step: the
     periodic one and the final one, each on its own evaluation seeds), when the fine-tuning run
     demonstrably starts from that policy: its own first evaluation (`before`, seed + 10**6)
     equals the pretraining's, which used the same seeds. Otherwise (no pretraining run dir: a
     committed checkpoint; BRED's distilled policy; a pretraining shared across fine-tuning
     seeds, whose evaluation seeds differ; a pretraining run on another machine, whose floating
-    point differs: see `pretraining_first`) none."""
-    if pretraining_first(pretraining) != before:
+    point differs: see `pretraining_first`, whose value is `pretraining_before`) none."""
+    if pretraining_before is None or pretraining_before != before:
         return []
     last = json.loads((pretraining / "config.json").read_text())["offline_steps"]
     rows = map(json.loads, (pretraining / "metrics.jsonl").read_text().splitlines())
@@ -149,7 +151,8 @@ def read_run_dir(
         summary, first = {}, by_step[0]
         stopped_at = max(by_step)
         after = by_step[stopped_at]
-    evaluations = [first] + pretraining_evaluations(pretraining, first)
+    first_there = pretraining_first(pretraining)  # read once: pools the start, and is reported
+    evaluations = [first] + pretraining_evaluations(pretraining, first, first_there)
     before = float(np.mean(evaluations))
     by_step.pop(0, None)
     curve = [(0, before)] + sorted(by_step.items())
@@ -162,9 +165,7 @@ def read_run_dir(
         "pretrained_evaluations": len(evaluations),
         # the pretraining run's own evaluation on the same episode seeds (NaN without one): equal
         # to the fine-tuning's first where the start pools, the reason named where it does not
-        "pretraining_first": (
-            math.nan if (value := pretraining_first(pretraining)) is None else value
-        ),
+        "pretraining_first": math.nan if first_there is None else first_there,
         "finetuned": after,
         "delta": after - before,
         "early_min": min(early) if early else math.nan,
