@@ -301,16 +301,28 @@ def truncation_lines(runs: list[dict]) -> list[str]:
     ]
 
 
-def iqm_with_ci(scores: dict[str, np.ndarray], reps: int = 2000) -> dict:
-    """variant -> (IQM, CI low, CI high) of [runs, tasks] score matrices (rliable)."""
+def iqm_with_ci(scores: dict[str, np.ndarray], reps: int = 2000, seed: int = 0) -> dict:
+    """variant -> (IQM, CI low, CI high) of [runs, tasks] score matrices (rliable).
+
+    The bootstrap is seeded, and afresh for each variant, so a re-made report reproduces its
+    intervals byte for byte and adding or dropping one variant leaves the others' unchanged.
+    rliable's StratifiedBootstrap draws its resamples from NumPy's global generator whatever
+    `random_state` it is given (rliable 1.2), so that generator is seeded here and then restored."""
     from rliable import library as rly
     from rliable import metrics
 
     def aggregate(x):
         return np.array([metrics.aggregate_iqm(x)])
 
-    points, intervals = rly.get_interval_estimates(scores, aggregate, reps=reps)
-    return {k: (float(points[k][0]), *map(float, intervals[k][:, 0])) for k in scores}
+    estimates, global_state = {}, np.random.get_state()
+    try:
+        for name, matrix in scores.items():
+            np.random.seed(seed)
+            points, intervals = rly.get_interval_estimates({name: matrix}, aggregate, reps=reps)
+            estimates[name] = (float(points[name][0]), *map(float, intervals[name][:, 0]))
+    finally:
+        np.random.set_state(global_state)
+    return estimates
 
 
 def style_axis(ax, values=()) -> None:
@@ -560,10 +572,12 @@ def report(
     seeds: list[int] | None = None,
     truncated: bool = False,
     notes: list[str] | None = None,
+    command: str | None = None,
 ):
     """Write the suite's report; `datasets` / `seeds` restrict it like the runner's flags,
-    `truncated` admits runs cut short near their end (see MIN_TRUNCATED_FRACTION), and `notes`
-    are provenance paragraphs the runs cannot record (e.g. the machine they ran on)."""
+    `truncated` admits runs cut short near their end (see MIN_TRUNCATED_FRACTION), `notes`
+    are provenance paragraphs the runs cannot record (e.g. the machine they ran on), and
+    `command` is the command line that re-makes the report (written into it)."""
     suite = load_suite(suite_name)
     budget = suite.budget(budget_name)
     out = out or REPO / "benchmarks" / "results" / suite.name / budget.name
@@ -665,6 +679,9 @@ def report(
         "",
         *[x for line in provenance(suite, budget, runs, datasets, seeds) for x in (line, "")],
         *[x for line in truncation_lines(runs) + list(notes or []) for x in (line, "")],
+        *([f"Re-made from the same runs, byte for byte (the bootstrap is seeded), by `{command}`"
+           + (" (each NOTE: a paragraph above, verbatim)." if notes else "."), ""]
+          if command else []),
         "D4RL normalized scores, mean ± sample std (n − 1) over seeds. *pretrained*: end of "
         "offline training (the start above); "
         "*fine-tuned*: end of the online budget; *lowest early*: lowest evaluation in the first "
@@ -723,6 +740,26 @@ def report(
     return out, rows
 
 
+def remake_command(suite_name: str, args: argparse.Namespace, datasets: list[str] | None) -> str:
+    """The command line that re-makes one suite's report from these arguments (run in the repo
+    root); each --note's text is written NOTE, as the report quotes it in full."""
+    root = args.root.resolve()
+    parts = [f"python -m benchmarks.report {suite_name} --budget {args.budget}"]
+    if root != DEFAULT_ROOT.resolve():
+        parts.append(f"--root {root.relative_to(REPO) if root.is_relative_to(REPO) else root}")
+    if args.out is not None:
+        out = args.out.resolve()
+        parts.append(f"--out {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+    if datasets:
+        parts.append("--datasets " + " ".join(datasets))
+    if args.seeds is not None:
+        parts.append("--seeds " + " ".join(map(str, args.seeds)))
+    if args.include_truncated:
+        parts.append("--include-truncated")
+    parts += ["--note NOTE"] * len(args.note)
+    return " ".join(parts)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Report benchmark suites (see module docstring).")
     parser.add_argument("suites", nargs="+", help=f"suite names or 'all': {known_suites()}")
@@ -770,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             out, rows = report(
                 name, args.budget, args.root, args.out, datasets, args.seeds,
-                args.include_truncated, args.note,
+                args.include_truncated, args.note, remake_command(name, args, datasets),
             )  # fmt: skip
             done = sum(r["seeds"] > 0 for r in rows)
             print(f"{name}: {done}/{len(rows)} (variant, dataset) rows with results -> {out}")

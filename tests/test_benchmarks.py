@@ -370,6 +370,23 @@ def test_iqm_is_the_25_percent_trimmed_mean():
     assert low < point < high
 
 
+def test_iqm_intervals_are_reproducible_and_independent_of_other_variants():
+    # The bootstrap draws resamples at random: unseeded, a re-made report's CIs would change on
+    # every run. Seeded per variant, one variant's interval is the same alone or beside another.
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(50, 20, size=(3, 3)), rng.normal(80, 5, size=(3, 3))
+    alone = report.iqm_with_ci({"a": a}, reps=300)["a"]
+    assert report.iqm_with_ci({"a": a}, reps=300)["a"] == alone
+    assert report.iqm_with_ci({"b": b, "a": a}, reps=300)["a"] == alone
+    assert report.iqm_with_ci({"a": a}, reps=300, seed=1)["a"][1:] != alone[1:]
+    # ... and NumPy's global generator, which rliable draws from, is left as the caller had it
+    np.random.seed(5)
+    expected = np.random.rand()
+    np.random.seed(5)
+    report.iqm_with_ci({"a": a}, reps=300)
+    assert np.random.rand() == expected
+
+
 def test_seed_spread_is_the_sample_standard_deviation():
     # Two seeds 1 and 3: mean 2, sample std sqrt(((1-2)^2 + (3-2)^2) / (2 - 1)) = sqrt(2) = 1.41
     # (the population std would be 1.0); a single seed has no spread; NaNs (unfinished) are dropped.
@@ -1081,3 +1098,34 @@ def test_q_calibration_rejects_a_file_that_is_not_an_ensemble(tmp_path):
         (line,) = proc.stderr.strip().splitlines()  # one line, naming the problem
         assert proc.returncode == 2 and says in line and line.startswith(f"error: {path}")
         assert not (tmp_path / "q").exists()  # nothing written
+
+
+def test_report_names_the_command_that_remakes_it_byte_for_byte(tmp_path, monkeypatch):
+    # A committed report must say how it was made: report.md quotes the command line, and that
+    # command (the note's text put back for NOTE) writes the same report.md and aggregate.csv,
+    # bootstrap intervals included.
+    import shlex
+
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "claims.toml").write_text(CLAIMS_SUITE)
+    monkeypatch.setenv("O2O_SUITES_DIR", str(tmp_path / "suites"))
+    suite = sweep.load_suite("claims")
+    jobs = {j.key: j for j in sweep.expand(suite, suite.budget("smoke"), tmp_path / "runs")}
+    for seed, late in ((0, 70.0), (1, 90.0)):
+        run_dir = jobs[f"hopper-medium-v2/seed{seed}/td3"].run_dir
+        _fake_run(run_dir, [(100, 30.0), (900, late), (1000, late + 5)], [], before=50.0)
+    note = "Ran on a test machine; 'quoted' text."
+    out = tmp_path / "report"
+    argv = ["claims", "--budget", "smoke", "--root", str(tmp_path / "runs"), "--out", str(out)]
+    assert report.main([*argv, "--note", note]) == 0
+    made = {name: (out / name).read_bytes() for name in ("report.md", "aggregate.csv")}
+    text = made["report.md"].decode()
+    assert note in text
+    command = text.split("by `python -m benchmarks.report ")[1].split("`")[0]
+    assert command.endswith("--note NOTE")
+    assert f"--root {tmp_path / 'runs'}" in command and "--seeds" not in command
+    (out / "report.md").unlink()
+    (out / "aggregate.csv").unlink()
+    remade = [note if word == "NOTE" else word for word in shlex.split(command)]
+    assert report.main(remade) == 0
+    assert {name: (out / name).read_bytes() for name in made} == made
