@@ -679,8 +679,9 @@ def report(
         "",
         *[x for line in provenance(suite, budget, runs, datasets, seeds) for x in (line, "")],
         *[x for line in truncation_lines(runs) + list(notes or []) for x in (line, "")],
-        *([f"Re-made from the same runs, byte for byte (the bootstrap is seeded), by `{command}`"
-           + (" (each NOTE: a paragraph above, verbatim)." if notes else "."), ""]
+        *([f"Made by `{command}`" + (" (each NOTE: a paragraph above, verbatim)" if notes else "")
+           + "; from the same runs it writes the same tables and intervals (the bootstrap is "
+           "seeded).", ""]
           if command else []),
         "D4RL normalized scores, mean ± sample std (n − 1) over seeds. *pretrained*: end of "
         "offline training (the start above); "

@@ -1121,7 +1121,7 @@ def test_report_names_the_command_that_remakes_it_byte_for_byte(tmp_path, monkey
     made = {name: (out / name).read_bytes() for name in ("report.md", "aggregate.csv")}
     text = made["report.md"].decode()
     assert note in text
-    command = text.split("by `python -m benchmarks.report ")[1].split("`")[0]
+    command = text.split("Made by `python -m benchmarks.report ")[1].split("`")[0]
     assert command.endswith("--note NOTE")
     assert f"--root {tmp_path / 'runs'}" in command and "--seeds" not in command
     (out / "report.md").unlink()
