@@ -975,12 +975,19 @@ than = "td3"
 )
 
 
-def test_report_checks_the_suites_claims_per_dataset_and_seed(tmp_path, monkeypatch):
+def _claims_suite_jobs(tmp_path, monkeypatch) -> dict:
+    """Install CLAIMS_SUITE as suite 'claims' (smoke budget, runs under tmp_path/runs); its jobs
+    by key."""
     (tmp_path / "suites").mkdir()
     (tmp_path / "suites" / "claims.toml").write_text(CLAIMS_SUITE)
     monkeypatch.setenv("O2O_SUITES_DIR", str(tmp_path / "suites"))
     suite = sweep.load_suite("claims")
     jobs = {j.key: j for j in sweep.expand(suite, suite.budget("smoke"), tmp_path / "runs")}
+    return jobs
+
+
+def test_report_checks_the_suites_claims_per_dataset_and_seed(tmp_path, monkeypatch):
+    jobs = _claims_suite_jobs(tmp_path, monkeypatch)
     # online budget 1000: evaluations at >= 900 are the last 10%, at <= 100 the first
     curves = {
         "seed0/td3": [(100, 10.0), (500, 60.0), (900, 70.0), (1000, 80.0)],  # collapses
@@ -1106,11 +1113,7 @@ def test_report_names_the_command_that_remakes_it_byte_for_byte(tmp_path, monkey
     # bootstrap intervals included.
     import shlex
 
-    (tmp_path / "suites").mkdir()
-    (tmp_path / "suites" / "claims.toml").write_text(CLAIMS_SUITE)
-    monkeypatch.setenv("O2O_SUITES_DIR", str(tmp_path / "suites"))
-    suite = sweep.load_suite("claims")
-    jobs = {j.key: j for j in sweep.expand(suite, suite.budget("smoke"), tmp_path / "runs")}
+    jobs = _claims_suite_jobs(tmp_path, monkeypatch)
     for seed, late in ((0, 70.0), (1, 90.0)):
         run_dir = jobs[f"hopper-medium-v2/seed{seed}/td3"].run_dir
         _fake_run(run_dir, [(100, 30.0), (900, late), (1000, late + 5)], [], before=50.0)
