@@ -744,13 +744,16 @@ def report(
 def remake_command(suite_name: str, args: argparse.Namespace, datasets: list[str] | None) -> str:
     """The command line that re-makes one suite's report from these arguments (run in the repo
     root); each --note's text is written NOTE, as the report quotes it in full."""
-    root = args.root.resolve()
+
+    def shown(path: pathlib.Path) -> pathlib.Path:  # relative to the repo root where inside it
+        path = path.resolve()
+        return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
     parts = [f"python -m benchmarks.report {suite_name} --budget {args.budget}"]
-    if root != DEFAULT_ROOT.resolve():
-        parts.append(f"--root {root.relative_to(REPO) if root.is_relative_to(REPO) else root}")
+    if args.root.resolve() != DEFAULT_ROOT.resolve():
+        parts.append(f"--root {shown(args.root)}")
     if args.out is not None:
-        out = args.out.resolve()
-        parts.append(f"--out {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+        parts.append(f"--out {shown(args.out)}")
     if datasets:
         parts.append("--datasets " + " ".join(datasets))
     if args.seeds is not None:
