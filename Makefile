@@ -27,10 +27,11 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-# Default suite: fast tests only (tests marked `slow` are skipped; see `make test-slow`), one
-# pytest-xdist worker per core (TEST_WORKERS=1 for a serial run).
+# Default suite: ruff first (seconds: CI checks the format too, and a format slip once failed a
+# landing that `make test` had passed), then the fast tests (tests marked `slow` are skipped; see
+# `make test-slow`), one pytest-xdist worker per core (TEST_WORKERS=1 for a serial run).
 TEST_WORKERS ?= auto
-test: install
+test: install lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests
 
 test-slow: install

@@ -110,7 +110,7 @@ def pretraining_evaluations(
     committed checkpoint; BRED's distilled policy; a pretraining shared across fine-tuning
     seeds, whose evaluation seeds differ; a pretraining run on another machine, whose floating
     point differs: see `pretraining_first`, whose value is `pretraining_before`) none."""
-    if pretraining_before is None or pretraining_before != before:
+    if pretraining_before != before:
         return []
     last = json.loads((pretraining / "config.json").read_text())["offline_steps"]
     rows = map(json.loads, (pretraining / "metrics.jsonl").read_text().splitlines())
@@ -679,10 +679,17 @@ def report(
         "",
         *[x for line in provenance(suite, budget, runs, datasets, seeds) for x in (line, "")],
         *[x for line in truncation_lines(runs) + list(notes or []) for x in (line, "")],
-        *([f"Made by `{command}`" + (" (each NOTE: a paragraph above, verbatim)" if notes else "")
-           + "; from the same runs it writes the same tables and intervals (the bootstrap is "
-           "seeded).", ""]
-          if command else []),
+        *(
+            [
+                f"Made by `{command}`"
+                + (" (each NOTE: a paragraph above, verbatim)" if notes else "")
+                + "; from the same runs it writes the same tables and intervals (the bootstrap is "
+                "seeded).",
+                "",
+            ]
+            if command
+            else []
+        ),
         "D4RL normalized scores, mean ± sample std (n − 1) over seeds. *pretrained*: end of "
         "offline training (the start above); "
         "*fine-tuned*: end of the online budget; *lowest early*: lowest evaluation in the first "
