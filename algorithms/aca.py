@@ -68,14 +68,10 @@ Choices where the paper is silent (documented defaults):
   only where the data are, and the entropy backup of Eq. (5), -alpha log pi(a'|s'), pays more
   off the data (where the policy is broad) than the reward pays for running, so the critic
   leads the policy off the data (the cheetah flips). `--no-offline-backup-entropy` drops that
-  term from the critics' target (CQL code's backup_entropy=False) and holds the policy; the
-  default keeps the paper's Eq. (5). Evidence: benchmarks/results/sacml_divergence/.
-  Caveat, not yet mended: the flag leaves Z's target (Eq. 8, the authors' -alpha log pi(a'|s')
-  at the offline temperature) as it is, and without the critic's bonus the offline alpha climbs
-  to ~4.6, so Z ends ~3000 below the offline Q; ACA's R = Z then starts far below the online
-  target (alpha reset to 1) and ACA collapses within 5-7k online steps on halfcheetah (seeds
-  0-1), where r-init-q (R from the offline Q) holds and improves. Evidence:
-  benchmarks/results/aca_z_temperature/.
+  term from every offline backup, the critics' (CQL code's backup_entropy=False) and Z's (Eq. 8
+  as printed), and holds the policy; the default keeps the paper's Eq. (5). Evidence:
+  benchmarks/results/sacml_divergence/ and, for why Z's target must drop it too (Z ~3000 below
+  the offline Q otherwise), benchmarks/results/aca_z_temperature/.
 - The k schedule is the authors' code: k drops by k0 / (K 1000) per gradient step, so with the
   medium defaults (1, 40, 0.5) it reaches k_min = 0.5 after 20k updates; Table 10's caption
   ("K episodes") implies that k reaches its floor after K = 40 episodes (40k steps).
@@ -159,10 +155,9 @@ class Args(lifecycle.RunFlags):
     ml_weight: flags.NonNegative = 30.0
     """w of Eq. (4): lambda = w / mean|Q|"""
     offline_backup_entropy: bool = True
-    """keep -alpha log pi(a'|s') in the offline critics' target (Eq. 5, SAC); off: a hard target
-    (CQL code's backup_entropy=False), see algorithms/README on halfcheetah-medium. Off, Z's
-    target (Eq. 8) still keeps it, so ACA's R = Z starts far below the online target (see the
-    module docstring); r-init-q does not"""
+    """keep -alpha log pi(a'|s') in the offline backups: the critics' target (Eq. 5, SAC) and
+    Z's (Eq. 8, authors' code); off: neither has it (CQL code's backup_entropy=False), see
+    algorithms/README on halfcheetah-medium"""
     cql_weight: flags.NonNegative = 10.0
     """CQL conservative weight (Table 9)"""
     cql_n_actions: flags.Count = 10
@@ -447,9 +442,12 @@ def make_offline_update(args: Args, actor, critic, baseline, action_dim: int):
         log_pi_next = logp_next
         if cql:
             log_pi_data, log_pi_next = jnp.maximum(log_pi_data, 0.0), jnp.maximum(logp_next, 0.0)
+        # --no-offline-backup-entropy drops the bonus from every offline backup, Z's too (Eq. 8
+        # as printed); else Z's target and the critics' would use different temperatures.
+        z_alpha = alpha if args.offline_backup_entropy else 0.0
         z_next = twin(baseline, state.baseline.params, next_obs)
         y = baseline_target(
-            batch["rewards"], batch["terminals"], log_pi_next, z_next, alpha, args.gamma
+            batch["rewards"], batch["terminals"], log_pi_next, z_next, z_alpha, args.gamma
         )
 
         def z_loss_fn(params):

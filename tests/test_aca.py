@@ -82,6 +82,36 @@ def test_baseline_target_and_loss_match_eq_8():
     assert float(loss) == pytest.approx(((logp_data + z - ref) ** 2).mean(1).sum(), rel=1e-5)
 
 
+@pytest.mark.parametrize("backup_entropy", [True, False])
+def test_offline_update_drops_the_entropy_from_z_target_with_the_critics(
+    backup_entropy, monkeypatch
+):
+    # --no-offline-backup-entropy removes -alpha log pi(a'|s') from every offline backup: Z's
+    # target is then Eq. (8) as printed, r + gamma (1-d) [log pi(a'|s') + min_i Z_i(s')]. A spy
+    # on Z's target hands its inputs and output out of the jitted update (a debug callback),
+    # checked against NumPy from those inputs.
+    args = aca.Args(hidden_dims=(32, 32), offline_backup_entropy=backup_entropy)
+    state, actor, critic, baseline = offline_state(args)
+    seen = {}
+
+    def spy(rewards, terminals, log_pi_next, z_next, alpha, gamma):
+        y = aca_baseline_target(rewards, terminals, log_pi_next, z_next, alpha, gamma)
+        record = lambda *a: seen.update(zip(("r", "d", "logp", "z", "y"), a, strict=True))  # noqa: E731
+        jax.debug.callback(record, rewards, terminals, log_pi_next, z_next, y)
+        return y
+
+    aca_baseline_target = aca.baseline_target
+    monkeypatch.setattr(aca, "baseline_target", spy)
+    batch = random_batch()
+    new, _ = jax.jit(aca.make_offline_update(args, actor, critic, baseline, ACT))(state, batch)
+    jax.effects_barrier()
+    r, d, logp, z = (np.asarray(seen[k], np.float64) for k in ("r", "d", "logp", "z"))
+    alpha = float(np.exp(new.log_alpha.params["v"]))
+    assert alpha > 0.5  # far from 0, so the two readings differ
+    ref_y = r + 0.99 * (1 - d) * (logp + z.min(0) - (alpha * logp if backup_entropy else 0.0))
+    np.testing.assert_allclose(seen["y"], ref_y, rtol=1e-5, atol=1e-5)
+
+
 def test_cql_regularizer_is_the_same_function_as_off2on_balanced():
     def source(path):
         tree = ast.parse(path.read_text())
