@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 ENV ?= hopper
 
-.PHONY: install test test-slow lint demo datasets bench-smoke bench-buffers bench-datasets bench-throughput clean
+.PHONY: install test lint demo datasets bench-smoke bench-buffers bench-datasets bench-throughput clean
 
 # The main job at a demo budget (~15 min on 2 CPU cores from a fresh clone, dataset generation
 # included): fine-tune the committed N=5 CQL ensemble (pretrained/hopper-medium-v2/cql_n5_200k)
@@ -27,15 +27,14 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-# Default suite: ruff first (seconds: CI checks the format too, and a format slip once failed a
-# landing that `make test` had passed), then the fast tests (tests marked `slow` are skipped; see
-# `make test-slow`), one pytest-xdist worker per core (TEST_WORKERS=1 for a serial run).
+# The whole suite, run before every commit: ruff first (seconds: CI checks the format too, and a
+# format slip once failed a landing that `make test` had passed), then every test, one
+# pytest-xdist worker per core (TEST_WORKERS=1 for a serial run). The scripts the tests start
+# share one JAX compilation cache per session (tests/conftest.py). No test is left out: the
+# former `make test-slow` selected none and was removed.
 TEST_WORKERS ?= auto
 test: install lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests
-
-test-slow: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load tests
 
 lint: install
 	$(PY) -m ruff check .

@@ -143,7 +143,8 @@ class Args(lifecycle.RunFlags):
     offline_steps: flags.Steps = 500_000
     """offline gradient steps (paper: 500 episodes x 1000)"""
     offline_checkpoint: flags.CheckpointPath = None
-    """path of a saved offline agent (`offline.npz`): skip pretraining"""
+    """a saved offline agent (a run's `offline.npz`) or a committed one by name, e.g.
+    hopper-medium-v2/sacml_500k (pretrained/README.md): skip pretraining"""
     offline_actor_lr: flags.LearningRate | None = None
     """offline policy lr (default 3e-4 for SAC+ML, 1e-4 for CQL, Table 11)"""
     offline_alpha_lr: flags.LearningRate | None = None
@@ -720,6 +721,10 @@ def main(args: Args) -> dict:
     env_name = data.info.env
     offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
     obs_dim, action_dim = offline["observations"].shape[1], offline["actions"].shape[1]
+    action_sets = 1 + 3 * args.cql_n_actions if args.offline_algo == "cql" else 1
+    lifecycle.check_batch_fits(
+        args, data.info.num_transitions, 2 * action_sets, obs_dim + action_dim
+    )
     actor = TanhGaussianPolicy(action_dim, args.hidden_dims)
     critic, baseline = Critic(args.hidden_dims), ValueNet(args.hidden_dims)
     key = jax.random.PRNGKey(args.seed)

@@ -94,7 +94,8 @@ class Args(lifecycle.RunFlags):
     offline_steps: flags.Steps = 1_000_000
     """offline gradient steps per member (CQL: 1000 epochs x 1000)"""
     offline_checkpoint: flags.CheckpointPath = None
-    """a saved CQL ensemble (a run's `offline.npz`, also off2on's, or an exported `ensemble.npz`)"""
+    """a saved CQL ensemble (a run's `offline.npz`, also off2on's, or an exported `ensemble.npz`)
+    or a committed one by name, e.g. hopper-medium-v2/cql_n5_200k (pretrained/README.md)"""
     offline_policy_lr: flags.LearningRate = 1e-4
     """offline (CQL) policy and temperature learning rate"""
     offline_q_lr: flags.LearningRate = 3e-4
@@ -814,6 +815,8 @@ def main(args: Args) -> dict:
     env_name = data.info.env
     offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
     obs_dim, action_dim = offline["observations"].shape[1], offline["actions"].shape[1]
+    networks = 2 * args.ensemble_size * (1 + 3 * args.cql_n_actions)  # CQL's action sets
+    lifecycle.check_batch_fits(args, data.info.num_transitions, networks, obs_dim + action_dim)
     independent = args.no_distill or args.ensemble_size == 1
 
     actor = TanhGaussianPolicy(action_dim, args.hidden_dims)

@@ -106,7 +106,8 @@ class Args(lifecycle.RunFlags):
     offline_steps: flags.Steps = 1_000_000
     """offline gradient steps per member (CQL: 1000 epochs x 1000)"""
     offline_checkpoint: flags.CheckpointPath = None
-    """a saved CQL ensemble: a run's `offline.npz` or an exported `ensemble.npz` (pretrained/)"""
+    """a saved CQL ensemble (a run's `offline.npz` or an exported `ensemble.npz`) or a committed
+    one by name, e.g. hopper-medium-v2/cql_n5_200k (pretrained/README.md)"""
     offline_policy_lr: flags.LearningRate = 1e-4
     """offline (CQL) policy and temperature learning rate"""
     offline_q_lr: flags.LearningRate = 3e-4
@@ -823,6 +824,8 @@ def main(args: Args) -> dict:
     offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
     num_offline = data.info.num_transitions
     obs_dim, action_dim = offline["observations"].shape[1], offline["actions"].shape[1]
+    networks = 2 * args.ensemble_size * (1 + 3 * args.cql_n_actions)  # CQL's action sets
+    lifecycle.check_batch_fits(args, num_offline, networks, obs_dim + action_dim)
 
     actor = TanhGaussianPolicy(action_dim, args.hidden_dims)
     critic = Critic(args.hidden_dims)

@@ -271,6 +271,7 @@ def main(args: Args) -> dict:
     )
     (run_dir / "actors").mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.npz"
+    lifecycle.note_run(run_dir, ckpt_path if args.resume and ckpt_path.exists() else None)
 
     env = OnlineEnv(env_name, args.seed)
     state = create_state(args, env.observation_dim, env.action_dim, jax.random.PRNGKey(args.seed))
@@ -337,6 +338,7 @@ def main(args: Args) -> dict:
         if global_step % args.checkpoint_every == 0 or global_step == args.total_steps:
             progress |= {"env": env.state_dict(), "action": action.tolist()}
             save_checkpoint(ckpt_path, state, progress)
+            lifecycle.note_checkpoint(ckpt_path, f"step {global_step}")
 
     final = evaluate(
         env_name, lambda o: act(state.actor.params, o), args.eval_episodes, seed=123_456

@@ -120,7 +120,8 @@ class Args(lifecycle.RunFlags):
     offline_steps: flags.Steps = 500_000
     """TD3-BC gradient steps (paper: 500k); 0 skips pretraining"""
     offline_checkpoint: flags.CheckpointPath = None
-    """path of a saved offline agent (`offline.npz`): skip pretraining"""
+    """a saved offline agent (a run's `offline.npz`) or a committed one by name, e.g.
+    walker2d-medium-v2/td3bc_500k (pretrained/README.md): skip pretraining"""
     offline_eval_every: flags.Count = 10_000
     """offline gradient steps between evaluations"""
     log_every: flags.Count = 1_000
@@ -456,6 +457,7 @@ def main(args: Args) -> dict:
     env_name = data.info.env
     offline = {k: data.transitions[k] for k in TRANSITION_KEYS}
     obs_dim, action_dim = offline["observations"].shape[1], offline["actions"].shape[1]
+    lifecycle.check_batch_fits(args, data.info.num_transitions, 2, obs_dim + action_dim)
     actor, critic = make_networks(args, action_dim)
     key = jax.random.PRNGKey(args.seed)
     key, init_key, online_key = jax.random.split(key, 3)

@@ -417,8 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    # Compiled XLA programs are cached across the sweep's processes (same shapes, same program).
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(args.root / "jax_cache"))
+    # Compiled XLA programs are cached across the sweep's processes (same shapes, same program),
+    # in the cache the caller chose if any ($JAX_COMPILATION_CACHE_DIR), else under the root.
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(args.root / "jax_cache")
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
     if args.backend == "local":
         env.update(shared_accelerator_env(args.workers, os.environ))
     finished = sum(status(j) == "finished" for j in jobs)

@@ -8,6 +8,8 @@ import json
 import os
 import pathlib
 import uuid
+import zipfile
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +63,11 @@ class CheckpointError(UsageError):
     """A checkpoint that is missing, not a checkpoint, or saved from another setup."""
 
 
+# What numpy raises for a file that is not a whole .npz: not a zip, a truncated or corrupt zip
+# (a member's CRC or compressed data), a pickled .npy, an object array (allow_pickle=False).
+_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
 def _open(path: pathlib.Path):
     """np.load of a checkpoint, with one-line errors for everything that is not one."""
     if not path.exists():
@@ -69,26 +76,50 @@ def _open(path: pathlib.Path):
         raise CheckpointError(f"checkpoint {path} is a directory, not a file")
     try:
         stored = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):  # not a zip, or a pickled .npy
-        raise CheckpointError(f"{path} is not a checkpoint (not an .npz archive)") from None
+    except _UNREADABLE:
+        raise CheckpointError(
+            f"{path} is not a checkpoint (not a whole .npz archive: truncated or another format)"
+        ) from None
     if not hasattr(stored, "files") or _META_KEY not in stored.files:
         raise CheckpointError(f"{path} is not a checkpoint: it has no {_META_KEY} entry")
     return stored
 
 
+def _read(path: pathlib.Path, stored, key: str) -> np.ndarray:
+    """One array of an open checkpoint; a member that cannot be read is a one-line error."""
+    try:
+        return stored[key]
+    except _UNREADABLE:
+        raise CheckpointError(
+            f"{path} is damaged: its entry {key} cannot be read (truncated or corrupt .npz)"
+        ) from None
+
+
+def _metadata(path: pathlib.Path, stored) -> dict:
+    try:
+        metadata = json.loads(str(_read(path, stored, _META_KEY)))
+    except json.JSONDecodeError:
+        metadata = None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path} is not a checkpoint: its {_META_KEY} is not a JSON object")
+    return metadata
+
+
 def read_checkpoint_metadata(path: str | pathlib.Path) -> dict:
     """The JSON metadata of a checkpoint, without loading its arrays."""
-    with _open(pathlib.Path(path)) as stored:
-        return json.loads(str(stored[_META_KEY]))
+    path = pathlib.Path(path)
+    with _open(path) as stored:
+        return _metadata(path, stored)
 
 
 def load_checkpoint(path: str | pathlib.Path, target):
     """Restore a checkpoint into the structure of `target` (a state built the same way, e.g. a
-    freshly initialised one). Returns (state, metadata). Shapes and dtypes must match; anything
-    else raises CheckpointError naming the first difference."""
+    freshly initialised one). Returns (state, metadata). Shapes and dtype kinds (float, int,
+    unsigned, bool) must match; anything else raises CheckpointError naming the first
+    difference."""
     path = pathlib.Path(path)
     with _open(path) as stored:
-        metadata = json.loads(str(stored[_META_KEY]))
+        metadata = _metadata(path, stored)
         leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
         restored = []
         for key_path, leaf in leaves:
@@ -97,16 +128,50 @@ def load_checkpoint(path: str | pathlib.Path, target):
                 raise CheckpointError(
                     f"checkpoint {path} lacks {key}: it was saved from another setup"
                 )
-            value = stored[key]
+            value = _read(path, stored, key)
             is_key = isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
             expected = jax.random.key_data(leaf) if is_key else np.asarray(leaf)
             if value.shape != expected.shape:
                 raise CheckpointError(
                     f"checkpoint {path}: {key} has shape {value.shape}, expected {expected.shape}"
                 )
+            if value.dtype.kind != expected.dtype.kind:
+                raise CheckpointError(
+                    f"checkpoint {path}: {key} has dtype {value.dtype}, expected {expected.dtype}"
+                )
             value = jnp.asarray(value, dtype=jax.dtypes.canonicalize_dtype(expected.dtype))
             restored.append(jax.random.wrap_key_data(value) if is_key else value)
     return jax.tree_util.tree_unflatten(treedef, restored), metadata
+
+
+# Committed pretrained agents (pretrained/<dataset>/<name>/manifest.json), loadable by name. In a
+# file copied out with common/ beside it there is no such folder and only paths load.
+PRETRAINED_DIR = pathlib.Path(__file__).resolve().parents[1] / "pretrained"
+
+
+def pretrained_names() -> list[str]:
+    """The names of the committed agents, e.g. "walker2d-medium-v2/td3bc_500k"."""
+    found = PRETRAINED_DIR.glob("*/*/manifest.json") if PRETRAINED_DIR.is_dir() else []
+    return sorted(str(p.parent.relative_to(PRETRAINED_DIR)) for p in found)
+
+
+def resolve_pretrained(value: str | None, env: str, flag: str = "--offline-checkpoint"):
+    """`value` of --offline-checkpoint as a path: an existing file as it is, or the name of a
+    committed agent (a folder under pretrained/) as the file its manifest names, refused in one
+    line (CheckpointError) where that agent was pretrained on another dataset than `env`."""
+    if value is None or pathlib.Path(value).exists():
+        return value
+    manifest_path = PRETRAINED_DIR / value / "manifest.json"
+    if not manifest_path.is_file():
+        return value  # neither a file nor a name: reported as a missing file
+    manifest = json.loads(manifest_path.read_text())
+    if manifest["dataset"] != env:
+        same = [n for n in pretrained_names() if n.startswith(f"{env}/")]
+        hint = f"the agents of {env}: {', '.join(same)}" if same else f"--env {manifest['dataset']}"
+        raise CheckpointError(
+            f"{flag} {value} was pretrained on {manifest['dataset']}, not {env}: pass {hint}"
+        )
+    return str(manifest_path.parent / manifest["file"])
 
 
 def load_offline_agent(path, target, algorithm: str, env: str, obs_dim: int, action_dim: int):

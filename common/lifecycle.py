@@ -9,19 +9,27 @@ bookkeeping around them:
     run.save(state, progress, step, args.stop_after, "offline step")  # checkpoint, --stop-after
     run.finish(args, before, after, ...)        # final eval, summary.json, logger closed
 
+`cli(main, Args)` runs a file's command line: bad input ends in one line, and Ctrl-C or SIGTERM in
+one line naming the step reached, the last checkpoint and the command that resumes (exit 130 /
+143, no traceback).
+
 A run's progress (the metadata of its checkpoint) is {"phase": "offline", "offline_step": k} or
 {"phase": "online", "env_steps": k, ...}; one global step counts across both phases."""
 
 import dataclasses
+import os
 import pathlib
+import shlex
+import signal
 import sys
+import threading
 
 import jax.numpy as jnp
 import tyro
 from tqdm import tqdm
 
 from common import flags
-from common.checkpoints import read_checkpoint_metadata, save_checkpoint
+from common.checkpoints import read_checkpoint_metadata, resolve_pretrained, save_checkpoint
 from common.flags import RunDir, Steps, UsageError, check_run_dir
 from common.logger import Logger, check_same_config, finish_run, make_run_dir
 
@@ -57,6 +65,9 @@ def check_args(
     flags.check_multiple(args, "online_steps", online_unit)
     if online_eval:
         flags.check_multiple(args, online_eval, online_unit)
+    # a committed agent's name (pretrained/README.md) stands for its file from here on, in the
+    # run's config.json too (so --resume compares files, named or not)
+    args.offline_checkpoint = resolve_pretrained(args.offline_checkpoint, args.env)
     check_run_flags(args)
     if args.offline_checkpoint:
         flags.check_file(args.offline_checkpoint, "offline_checkpoint")
@@ -65,6 +76,41 @@ def check_args(
             flags.warn_if_longer(args, interval, "offline_steps")
     if online_eval:
         flags.warn_if_longer(args, online_eval, "online_steps")
+
+
+def device_memory_bytes() -> int:
+    """Memory one update can use: the accelerator's (JAX's limit) or, on a CPU, the machine's."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.0f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.0f} MiB"
+
+
+def check_batch_fits(args, num_transitions: int, networks: int, inputs: int) -> None:
+    """--batch-size against the dataset and the memory: a batch larger than the dataset, or one
+    whose update would need more memory than there is, is one UsageError line before anything is
+    created or compiled. The update's memory is estimated from its activations: `networks`
+    forward passes per sample (critics x ensemble members x action sets), each keeping its input
+    (`inputs` floats) and hidden layers for the backward pass, and their gradients (x 3)."""
+    batch = args.batch_size
+    if batch > num_transitions:
+        raise UsageError(
+            f"--batch-size {batch} is larger than the dataset ({num_transitions} transitions): "
+            f"pass at most {num_transitions}"
+        )
+    need = 3 * 4 * batch * networks * (inputs + sum(args.hidden_dims))
+    have = device_memory_bytes()
+    if need > have:
+        raise UsageError(
+            f"--batch-size {batch} needs about {_size(need)} per update, more than the "
+            f"{_size(have)} this machine has: pass a smaller --batch-size"
+        )
 
 
 def check_run_flags(args: RunFlags) -> None:
@@ -107,6 +153,7 @@ class Run:
         """Checkpoint `state` with `progress` (atomically); exit as if interrupted when
         --stop-after names this step."""
         save_checkpoint(self.checkpoint_path, state, progress)
+        note_checkpoint(self.checkpoint_path, f"{label} {step}")
         if stop_after == step:
             raise SystemExit(f"stopped after {label} {step} (--stop-after)")
 
@@ -133,12 +180,15 @@ def open_run(args, algorithm: str) -> Run:
         else args.offline_steps + progress["env_steps"]
     )
     logger = Logger(run_dir, config=args, resume_step=resume_step if resumed else None)
+    note_run(run_dir, run_dir / "checkpoint.npz" if resumed else None)
     return Run(run_dir, logger, progress, resumed)
 
 
 def progress_bar(iterable, **kwargs):
     """tqdm that redraws twice a second on a terminal and every 30 s into a log file (nohup)."""
-    return tqdm(iterable, mininterval=0.5 if sys.stderr.isatty() else 30.0, **kwargs)
+    bar = tqdm(iterable, mininterval=0.5 if sys.stderr.isatty() else 30.0, **kwargs)
+    _WHERE["bar"] = bar
+    return bar
 
 
 def stack_metrics(window: list[dict]) -> dict:
@@ -146,10 +196,81 @@ def stack_metrics(window: list[dict]) -> dict:
     return {k: jnp.stack([m[k] for m in window]) for k in window[0]}
 
 
+# Where the running script is, for the line an interruption prints: its run directory, its last
+# checkpoint (path, "offline step 2000"), its latest progress bar (the phase and step reached).
+_WHERE: dict = {"run_dir": None, "checkpoint": None, "bar": None}
+
+
+def note_run(run_dir: pathlib.Path, checkpoint: pathlib.Path | None = None) -> None:
+    """Record the run directory (and a resumed run's checkpoint) for the interruption line."""
+    _WHERE.update(
+        run_dir=pathlib.Path(run_dir), checkpoint=(checkpoint, "resumed") if checkpoint else None
+    )
+
+
+def note_checkpoint(path: pathlib.Path, label: str) -> None:
+    """Record the checkpoint just written (label: e.g. "global step 3000")."""
+    _WHERE["checkpoint"] = (pathlib.Path(path), label)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM (as KeyboardInterrupt is by SIGINT)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def resume_command(argv: list[str], run_dir: pathlib.Path) -> str:
+    """The command line that resumes this run: the same flags, with --resume --run-dir RUN_DIR
+    (and without --stop-after)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--run-dir", "--stop-after"):
+            skip = True
+        elif arg != "--resume" and not arg.startswith(("--run-dir=", "--stop-after=")):
+            kept.append(arg)
+    script = os.path.relpath(sys.argv[0]) if sys.argv[0].endswith(".py") else sys.argv[0]
+    return shlex.join(["python", script, *kept, "--resume", "--run-dir", str(run_dir)])
+
+
+def interruption_line(signal_name: str, argv: list[str]) -> str:
+    """One line: the signal, the step reached, the last checkpoint and the command that resumes."""
+    bar = _WHERE["bar"]
+    reached = f" at {bar.desc} {bar.n}/{bar.total}" if bar is not None else ""
+    if _WHERE["run_dir"] is None:
+        return f"interrupted ({signal_name}){reached} before the run started; nothing was written"
+    if _WHERE["checkpoint"] is None:
+        where = "no checkpoint yet (the run restarts from its beginning)"
+    else:
+        path, label = _WHERE["checkpoint"]
+        where = f"last checkpoint {path} ({label})"
+    resume = resume_command(argv, _WHERE["run_dir"])
+    return f"interrupted ({signal_name}){reached}; {where}; resume with: {resume}"
+
+
 def cli(main, args_type, argv: list[str] | None = None):
     """A script's command line: parse `args_type` with tyro and call `main`; bad input ends with
-    one line on stderr ('error: ...') and exit status 1."""
+    one line on stderr ('error: ...') and exit status 1; Ctrl-C (SIGINT) or SIGTERM with one line
+    (`interruption_line`) and exit status 130 or 143, without a traceback. The checkpoints are
+    written atomically, so the last one is whole and `--resume` continues bit-identically."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    argv_used = sys.argv[1:] if argv is None else argv
     try:
         return main(tyro.cli(args_type, args=argv))
     except UsageError as err:
         raise SystemExit(f"error: {err}") from None
+    except (KeyboardInterrupt, Terminated) as err:
+        terminated = isinstance(err, Terminated)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the line
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        line = interruption_line("SIGTERM" if terminated else "SIGINT", argv_used)
+        sys.stdout.flush()
+        print(f"\n{line}", file=sys.stderr, flush=True)
+        # Leave without the interpreter's shutdown: XLA's threads may still be running the step
+        # that was interrupted, and tearing them down under it crashed the process (SIGSEGV) in
+        # one of six trials. Every file that matters is already closed or flushed per line.
+        os._exit(143 if terminated else 130)

@@ -8,7 +8,6 @@ dataset loader checks it).
 
 from collections.abc import Callable, Sequence
 
-import distrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -72,9 +71,12 @@ class TanhGaussianPolicy(nn.Module):
         return mean, jnp.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
 
 
-def tanh_gaussian(mean, log_std) -> distrax.Distribution:
+def tanh_gaussian(mean, log_std) -> "distrax.Distribution":  # noqa: F821
     """The tanh-squashed diagonal Gaussian. Its `log_prob` includes the tanh change-of-variables
     correction  -sum log(1 - tanh(u)^2)  (computed stably by distrax)."""
+    import distrax  # here, not at the top: it brings TensorFlow Probability (0.5 s per start),
+    # which the files that never build this distribution (TD3-C, ACA, SAC) need not load
+
     base = distrax.MultivariateNormalDiag(mean, jnp.exp(log_std))
     return distrax.Transformed(base, distrax.Block(distrax.Tanh(), ndims=1))
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
-from conftest import assert_same_run, run_script  # noqa: E402
+from conftest import TINY_FLAGS, assert_same_run, run_script  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -242,36 +242,29 @@ def test_offline_update_learns_z_toward_its_fixed_point():
     assert np.isfinite([float(v) for v in metrics.values()]).all()
 
 
-TINY = [
-    "--env", "hopper-medium-v2", "--hidden-dims", "32", "32", "--batch-size", "32",
-    "--offline-steps", "400", "--log-every", "100", "--offline-eval-every", "200",
-    "--online-steps", "600", "--eval-every", "300", "--eval-episodes", "1",
-    "--checkpoint-every", "200", "--no-generate",
-]  # fmt: skip
+TINY = TINY_FLAGS["aca"]
 
 
 def run(run_dir, minari_root, *extra, ok=True):
     return run_script("aca.py", TINY, run_dir, minari_root, *extra, ok=ok)
 
 
-def test_tiny_run_and_exact_resume(tiny_root, tmp_path):
-    full = tmp_path / "full"
-    # k falls by 1/400 per update: it reaches k_min = 0.5 within the 600 online steps
-    proc = run(full, tiny_root, "--k-decay-episodes", "0.4")
-    assert "before fine-tuning" in proc.stdout
+def test_tiny_run_and_exact_resume(tiny_root, tmp_path, tiny_run):
+    # TINY's --k-decay-episodes 0.4: k falls by 1/400 per update, to k_min = 0.5 within the run
+    full, stdout, _ = tiny_run("aca")
+    assert "before fine-tuning" in stdout
     rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     k = [r["online/k"] for r in rows if "online/k" in r]
     assert len(k) == 6 and k[0] > k[1] > k[2] and k[-1] == pytest.approx(0.5)
     assert any(r.get("offline/z_loss", 0) > 0 for r in rows)
     part = tmp_path / "part"
-    extra = ("--k-decay-episodes", "0.4")
-    stopped = run(part, tiny_root, *extra, "--stop-after", "200", ok=False)
+    stopped = run(part, tiny_root, "--stop-after", "200", ok=False)
     assert "stopped after offline step 200" in stopped.stderr
-    stopped = run(part, tiny_root, *extra, "--resume", "--stop-after", "800", ok=False)
+    stopped = run(part, tiny_root, "--resume", "--stop-after", "800", ok=False)
     assert "stopped after global step 800" in stopped.stderr
     # the resumed offline bar counts from the checkpoint's step, out of the whole phase
     assert "200/400 [" in stopped.stderr and "0/200 [" not in stopped.stderr
-    run(part, tiny_root, *extra, "--resume")
+    run(part, tiny_root, "--resume")
     assert_same_run(full, part)  # bit-identical state, same logged steps
 
 

@@ -205,6 +205,49 @@ def test_bad_checkpoint_paths(script, workdir, tmp_path):
             assert says in message, (case, message)
 
 
+O2O_SCRIPTS = [s for s in SCRIPTS if s != "sac"]
+
+
+@pytest.mark.parametrize("script", O2O_SCRIPTS)
+def test_damaged_and_mistyped_offline_checkpoints(script, workdir, tmp_path, tiny_run):
+    """From the script's own offline.npz (its shared tiny run): the first 2 kB of it, a file
+    that only starts like a zip archive, and the same keys with int32 where float32 belongs."""
+    real = tiny_run(script).dir / "offline.npz"
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "truncated.npz").write_bytes(real.read_bytes()[:2048])
+    (files / "zip_like.npz").write_bytes(b"PK\x03\x04" + bytes(2048))
+    with np.load(real) as stored:
+        arrays = {k: stored[k] for k in stored.files}
+    arrays = {k: v.astype(np.int32) if v.dtype.kind == "f" else v for k, v in arrays.items()}
+    np.savez(files / "int_params.npz", **arrays)
+    cases = [
+        ("truncated.npz", "not a whole .npz archive"),
+        ("zip_like.npz", "not a whole .npz archive"),
+        ("int_params.npz", "has dtype int32, expected float32"),
+    ]
+    tiny_widths = ["--hidden-dims", "32", "32"]  # the tiny run's networks: the shapes fit
+    for name, says in cases:
+        path = files / name
+        argv = [*SMALL[script], *tiny_widths, "--offline-checkpoint", str(path)]
+        message = expect_usage_error(script, argv, workdir, [files])
+        assert message.startswith(f"error: --offline-checkpoint {path}"), (name, message)
+        assert says in message, (name, message)
+
+
+@pytest.mark.parametrize("script", O2O_SCRIPTS)
+def test_a_batch_larger_than_the_dataset_or_the_memory(script, workdir, monkeypatch):
+    message = expect_usage_error(script, [*SMALL[script], "--batch-size", "10000000"], workdir)
+    assert message == (
+        "error: --batch-size 10000000 is larger than the dataset (2000 transitions): "
+        "pass at most 2000"
+    )
+    monkeypatch.setattr(lifecycle, "device_memory_bytes", lambda: 2**20)  # a 1 MiB machine
+    message = expect_usage_error(script, [*SMALL[script], "--batch-size", "2000"], workdir)
+    assert message.startswith("error: --batch-size 2000 needs about "), message
+    assert message.endswith("this machine has: pass a smaller --batch-size"), message
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bad_run_directories(script, workdir, tmp_path):
     """--resume without a run, a run directory that is a file or cannot be created, one that
@@ -231,7 +274,7 @@ def test_bad_run_directories(script, workdir, tmp_path):
         assert says in message, (argv, message)
 
 
-@pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "sac"])
+@pytest.mark.parametrize("script", O2O_SCRIPTS)
 def test_unknown_and_damaged_datasets(script, workdir, tmp_path, minari_env, monkeypatch):
     message = expect_usage_error(script, ["--env", "hopper-medum-v2"], workdir)
     assert "unknown dataset 'hopper-medum-v2'; known names: hopper-random-v2" in message

@@ -29,7 +29,7 @@ SUITES = [
 ]
 
 # A custom suite (O2O_SUITES_DIR) whose fine-tuning jobs run long enough to be killed midway:
-# 2000 online steps, a checkpoint every 100.
+# 1000 online steps, a checkpoint every 100.
 TINY_SUITE = """
 title = "test suite"
 script = "td3_c.py"
@@ -48,7 +48,7 @@ description = "test"
 seeds = [0]
 tiny_datasets = 1000
 args = ["--hidden-dims", "16", "16", "--batch-size", "16", "--offline-steps", "200",
-        "--log-every", "100", "--offline-eval-every", "200", "--online-steps", "2000",
+        "--log-every", "100", "--offline-eval-every", "200", "--online-steps", "1000",
         "--eval-every", "500", "--eval-episodes", "1", "--checkpoint-every", "100"]
 
 [budgets.cpu]
@@ -465,7 +465,7 @@ def test_runner_killed_midway_finishes_without_redoing_or_losing_runs(tmp_path, 
             steps = [r["step"] for r in rows if key in r]
             assert steps and steps == sorted(set(steps)) or key == "eval/normalized_score"
         online = [r["step"] for r in rows if "online/critic_loss" in r]
-        assert online == list(range(300, 2201, 100))  # every log window once, none lost
+        assert online == list(range(300, 1201, 100))  # every log window once, none lost
     monkeypatch.setenv("O2O_SUITES_DIR", str(tmp_path / "suites"))
     out, rows = report.report("tiny", "smoke", tmp_path / "runs", tmp_path / "report")
     assert [r["seeds"] for r in rows] == [1, 1]
@@ -515,7 +515,7 @@ def test_ray_backend_on_a_local_instance(tmp_path):
     pytest.importorskip("ray")
     (tmp_path / "suites").mkdir()
     (tmp_path / "suites" / "tiny.toml").write_text(
-        TINY_SUITE.replace('"--online-steps", "2000"', '"--online-steps", "200"').replace(
+        TINY_SUITE.replace('"--online-steps", "1000"', '"--online-steps", "200"').replace(
             '"--eval-every", "500"', '"--eval-every", "100"'
         )
     )

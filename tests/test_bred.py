@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
-from conftest import assert_same_run, run_script  # noqa: E402
+from conftest import TINY_FLAGS, assert_same_run, run_script  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -214,56 +214,16 @@ def test_online_cql_adds_the_weighted_gap_of_each_member():
     )
 
 
-TINY = [
-    "--env",
-    "hopper-medium-v2",
-    "--ensemble-size",
-    "2",
-    "--hidden-dims",
-    "32",
-    "32",
-    "--batch-size",
-    "32",
-    "--offline-steps",
-    "200",
-    "--log-every",
-    "100",
-    "--offline-eval-every",
-    "200",
-    "--bc-steps",
-    "100",
-    "--distill-epochs",
-    "4",
-    "--distill-steps-per-epoch",
-    "50",
-    "--distill-patience",
-    "2",
-    "--online-steps",
-    "400",
-    "--steps-per-epoch",
-    "100",
-    "--first-epoch-multiplier",
-    "2",
-    "--online-buffer-size",
-    "1000",
-    "--anneal-steps",
-    "200",
-    "--eval-episodes",
-    "1",
-    "--checkpoint-every",
-    "100",
-    "--no-generate",
-]
+TINY = TINY_FLAGS["bred"]
 
 
 def run(run_dir, minari_root, *extra, ok=True):
     return run_script("bred.py", TINY, run_dir, minari_root, *extra, ok=ok)
 
 
-def test_tiny_run_and_exact_resume(tiny_root, tmp_path):
-    full = tmp_path / "full"
-    proc = run(full, tiny_root)
-    assert "before fine-tuning" in proc.stdout and "distillation: validation loss" in proc.stdout
+def test_tiny_run_and_exact_resume(tiny_root, tmp_path, tiny_run):
+    full, stdout, _ = tiny_run("bred")
+    assert "before fine-tuning" in stdout and "distillation: validation loss" in stdout
     assert {"offline.npz", "distilled.npz", "checkpoint.npz", "summary.json"} <= {
         p.name for p in full.iterdir()
     }

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 import reference as ref
-from conftest import assert_same_run, run_script  # noqa: E402
+from conftest import TINY_FLAGS, assert_same_run, run_script  # noqa: E402
 from flax.training.train_state import TrainState
 from scipy.special import logsumexp
 
@@ -543,52 +543,16 @@ def test_density_ratio_trains_on_offline_slots_against_online_slots():
     assert float(metrics["dr_loss"]) == pytest.approx(expected, rel=1e-5)
 
 
-TINY = [
-    "--env",
-    "hopper-medium-v2",
-    "--ensemble-size",
-    "2",
-    "--hidden-dims",
-    "32",
-    "32",
-    "--batch-size",
-    "32",
-    "--offline-steps",
-    "200",
-    "--log-every",
-    "100",
-    "--offline-eval-every",
-    "200",
-    "--bc-steps",
-    "100",
-    "--online-steps",
-    "400",
-    "--steps-per-epoch",
-    "100",
-    "--first-epoch-multiplier",
-    "2",
-    "--online-buffer-size",
-    "1000",
-    "--eval-episodes",
-    "1",
-    "--auroc-samples",
-    "50",
-    "--dr-batch-size",
-    "32",
-    "--checkpoint-every",
-    "100",
-    "--no-generate",
-]
+TINY = TINY_FLAGS["off2on_balanced"]
 
 
 def run(run_dir, minari_root, *extra, ok=True):
     return run_script("off2on_balanced.py", TINY, run_dir, minari_root, *extra, ok=ok)
 
 
-def test_tiny_run_and_exact_resume(tiny_root, tmp_path):
-    full = tmp_path / "full"
-    proc = run(full, tiny_root)
-    assert "before fine-tuning" in proc.stdout and "after 400 online steps" in proc.stdout
+def test_tiny_run_and_exact_resume(tiny_root, tmp_path, tiny_run):
+    full, stdout, _ = tiny_run("off2on_balanced")
+    assert "before fine-tuning" in stdout and "after 400 online steps" in stdout
     assert {"checkpoint.npz", "offline.npz", "metrics.jsonl", "config.json", "summary.json"} <= {
         p.name for p in full.iterdir()
     }
@@ -610,9 +574,8 @@ def test_tiny_run_and_exact_resume(tiny_root, tmp_path):
     assert_same_run(full, part)  # bit-identical state, same logged steps
 
 
-def test_offline_checkpoint_skips_pretraining(tiny_root, tmp_path):
-    first = tmp_path / "first"
-    run(first, tiny_root, "--online-steps", "100", "--steps-per-epoch", "100")
+def test_offline_checkpoint_skips_pretraining(tiny_root, tmp_path, tiny_run):
+    first = tiny_run("off2on_balanced").dir  # its offline.npz
     second = run(
         tmp_path / "second",
         tiny_root,

@@ -3,19 +3,18 @@ algorithm files load them as the run's own offline checkpoint, and the one-line 
 
 import hashlib
 import json
+import os
 import pathlib
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import run_script  # noqa: E402
+from conftest import TINY_FLAGS, run_script  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "algorithms"))
 import off2on_balanced as o2o  # noqa: E402
-from test_bred import TINY as BRED_TINY  # noqa: E402
-from test_off2on_balanced import TINY as O2O_TINY  # noqa: E402
 
 from benchmarks import export_pretrained  # noqa: E402
 from common.checkpoints import CheckpointError  # noqa: E402
@@ -31,9 +30,10 @@ def leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def test_export_holds_the_ensemble_and_both_files_load_it(tiny_root, tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
-    run_script("off2on_balanced.py", O2O_TINY, run_dir, tiny_root, "--online-steps", "0")
+def test_export_holds_the_ensemble_and_both_files_load_it(
+    tiny_root, tmp_path, monkeypatch, tiny_run
+):
+    run_dir = tiny_run("off2on_balanced").dir  # read only: the export writes under --out
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tiny_root))
     out = tmp_path / "pretrained"
     assert export_pretrained.main([str(run_dir), "--out", str(out)]) == 0
@@ -76,7 +76,7 @@ def test_export_holds_the_ensemble_and_both_files_load_it(tiny_root, tmp_path, m
     # BRED fine-tunes from it as from the run's own offline.npz (no offline phase logged)
     bred_dir = tmp_path / "bred"
     proc = run_script(
-        "bred.py", BRED_TINY, bred_dir, tiny_root, "--offline-checkpoint", str(ensemble),
+        "bred.py", TINY_FLAGS["bred"], bred_dir, tiny_root, "--offline-checkpoint", str(ensemble),
         "--online-steps", "100", "--steps-per-epoch", "100",
     )  # fmt: skip
     assert "offline ensemble loaded from" in proc.stdout
@@ -94,7 +94,14 @@ def test_export_of_a_run_without_an_offline_phase_is_a_one_line_error(tmp_path, 
 COMMITTED = sorted((REPO / "pretrained").glob("*/*/manifest.json"))
 
 
-@pytest.mark.parametrize("manifest_path", COMMITTED, ids=lambda p: p.parent.name)
+def stored_file(manifest_path) -> str:
+    return json.loads(manifest_path.read_text()).get("file", "ensemble.npz")
+
+
+ENSEMBLES = [p for p in COMMITTED if stored_file(p) == "ensemble.npz"]
+
+
+@pytest.mark.parametrize("manifest_path", ENSEMBLES, ids=lambda p: p.parent.name)
 def test_committed_ensembles_match_their_manifests_and_load(manifest_path):
     """Every ensemble under pretrained/ is the file its manifest names (sha256), has the
     manifest's shapes, and loads into a run of the manifest's dataset, sizes and members."""
@@ -125,3 +132,65 @@ def test_committed_ensembles_match_their_manifests_and_load(manifest_path):
     )
     with pytest.raises(CheckpointError, match=f"pretrained on {manifest['dataset']}, not {other}"):
         o2o.load_offline_ensemble(ensemble, members, other, obs_dim, action_dim)
+
+
+# --- TD3-BC and SAC+ML agents (the runs' own offline.npz), loaded by name ----------------------
+
+WHOLE_RUN_AGENTS = [p.parent for p in COMMITTED if stored_file(p) == "offline.npz"]
+
+
+def whole_run_target(algorithm: str, hidden, obs_dim: int, action_dim: int):
+    """The structure the algorithm file loads an offline.npz into (as its `main` builds it)."""
+    key = jax.random.PRNGKey(0)
+    if algorithm == "td3_c":
+        import td3_c
+
+        from common.buffers import ReplayBuffer
+
+        args = td3_c.Args(hidden_dims=hidden)
+        actor, critic = td3_c.make_networks(args, action_dim)
+        example = {"x": np.zeros(obs_dim, np.float32)}
+        state = td3_c.create_state(
+            args, actor, critic, obs_dim, action_dim, key, ReplayBuffer.create(example, 1)
+        )
+        return (state.actor, state.actor_target, state.critic, state.critic_target, state.key)
+    import aca
+
+    args = aca.Args(hidden_dims=hidden)
+    nets = aca.TanhGaussianPolicy(action_dim, hidden), aca.Critic(hidden), aca.ValueNet(hidden)
+    return aca.create_offline_state(args, *nets, obs_dim, action_dim, key)
+
+
+@pytest.mark.parametrize("folder", WHOLE_RUN_AGENTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_committed_agents_load_by_name_and_refuse_another_dataset(folder, tmp_path):
+    from common import lifecycle
+    from common.checkpoints import load_offline_agent, resolve_pretrained
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    name, dataset = f"{folder.parent.name}/{folder.name}", manifest["dataset"]
+    path = pathlib.Path(resolve_pretrained(name, dataset))
+    assert path == folder / "offline.npz"
+    assert manifest["offline_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert folder.parent.name == dataset == manifest["flags"]["env"]
+    algorithm, hidden = manifest["algorithm"], tuple(manifest["hidden_dims"])
+    obs_dim, action_dim = manifest["obs_dim"], manifest["action_dim"]
+    target = whole_run_target(algorithm, hidden, obs_dim, action_dim)
+    loaded, meta = load_offline_agent(path, target, algorithm, dataset, obs_dim, action_dim)
+    assert meta["offline_steps"] == manifest["offline_steps"]
+    fresh, mine = leaves(target), leaves(loaded)
+    assert all(np.isfinite(x).all() for x in mine if x.dtype.kind == "f")
+    assert any(not np.array_equal(a, b) for a, b in zip(fresh, mine, strict=True))
+    # by name on another dataset: one line, before any dataset is read or anything written
+    other = "hopper-medium-v2" if dataset != "hopper-medium-v2" else "walker2d-medium-v2"
+    module = __import__(algorithm)
+    cwd = pathlib.Path.cwd()
+    try:
+        os.chdir(tmp_path)
+        with pytest.raises(SystemExit) as exit_info:
+            lifecycle.cli(module.main, module.Args, ["--env", other, "--offline-checkpoint", name])
+    finally:
+        os.chdir(cwd)
+    message = exit_info.value.code
+    assert message.startswith(f"error: --offline-checkpoint {name} was pretrained on {dataset}, "
+                              f"not {other}: pass the agents of {other}: "), message  # fmt: skip
+    assert "\n" not in message and not list(tmp_path.iterdir())

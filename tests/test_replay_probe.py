@@ -2,6 +2,7 @@
 NumPy computations, and the probe on a real tiny balanced run."""
 
 import itertools
+import os
 import subprocess
 import sys
 
@@ -73,23 +74,22 @@ def probe_cli(run_dir):
     )
 
 
-def test_probe_reads_balanced_and_uniform_runs(tiny_root, tmp_path):
-    balanced = tmp_path / "balanced"
-    run(balanced, tiny_root, "--online-steps", "200")
+def test_probe_reads_balanced_and_uniform_runs(tiny_root, tmp_path, tiny_run):
+    balanced = tiny_run("off2on_balanced").dir  # a balanced run of 400 online steps, read only
     result = replay_probe.probe(balanced)
     with np.load(balanced / "checkpoint.npz") as z:
         tree = z[".buffer.tree"]
         num_leaves = tree.shape[0] // 2
-    assert result["online"]["n"] == 200  # every online step, the rest is the dataset
+    assert result["online"]["n"] == 400  # every online step, the rest is the dataset
     assert result["offline"]["n"] == 2000  # the tiny dataset's transitions (conftest)
     # the leaves it read are the tree's: their sum is the root the buffer maintained
     total = result["offline"]["priority_sum"] + result["online"]["priority_sum"]
     assert total == pytest.approx(float(tree[1]), rel=1e-4)
-    assert num_leaves >= result["offline"]["n"] + 200
+    assert num_leaves >= result["offline"]["n"] + 400
     assert 0.0 <= result["auroc_online_vs_offline"] <= 1.0
     # the run pretrained itself: the start critics are its offline.npz's
     rows = result["q_online"]["rows"]["all"]
-    assert 0 < rows["n"] <= 200 and np.isfinite(rows["q_minus_mc_start"])
+    assert 0 < rows["n"] <= 400 and np.isfinite(rows["q_minus_mc_start"])
     # a run fine-tuned from another run's offline.npz, or from an exported ensemble, finds it
     own = replay_probe.start_critics(balanced, {})
     other = replay_probe.start_critics(
@@ -109,6 +109,7 @@ def test_probe_reads_balanced_and_uniform_runs(tiny_root, tmp_path):
         cwd=REPO,
         check=True,
         capture_output=True,
+        env={**os.environ, "MINARI_DATASETS_PATH": str(tiny_root)},  # the run's dataset
     )
     from_export = replay_probe.start_critics(
         tmp_path, {"offline_checkpoint": str(exported / "ensemble.npz")}

@@ -84,6 +84,54 @@ def test_checkpoint_shape_mismatch_is_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "c.npz", other)
 
 
+def damaged_checkpoints(tmp: pathlib.Path, good: pathlib.Path) -> dict:
+    """Every kind of file that is not a whole checkpoint, made from the bytes of `good`:
+    case -> (path, what the one-line error says)."""
+    raw = good.read_bytes()
+    cases = {
+        "zip-header-only": (b"PK\x03\x04" + bytes(200), "not a whole .npz archive"),
+        "truncated-2kB": (raw[:2048], "not a whole .npz archive"),
+        "truncated-half": (raw[: len(raw) // 2], "not a whole .npz archive"),
+        "random-bytes": (np.random.default_rng(0).bytes(4096), "is not a checkpoint"),
+    }
+    # one array's bytes overwritten in place: the archive opens, that entry fails its CRC check
+    at = raw.index(b"\x93NUMPY", raw.index(b"['params']['w']")) + 128 + 4
+    cases["corrupt-entry"] = (raw[:at] + bytes(24) + raw[at + 24 :], "is damaged: its entry")
+    out = {}
+    for name, (data, says) in cases.items():
+        (tmp / f"{name}.npz").write_bytes(data)
+        out[name] = (tmp / f"{name}.npz", says)
+    np.savez(tmp / "strings.npz", __metadata__=np.asarray("[1, 2]"))
+    out["metadata-not-an-object"] = (tmp / "strings.npz", "is not a JSON object")
+    return out
+
+
+def test_damaged_checkpoints_are_one_line_errors(tmp_path):
+    from common.checkpoints import CheckpointError, read_checkpoint_metadata
+
+    good = tmp_path / "good.npz"
+    save_checkpoint(good, make_state(jax.random.PRNGKey(0)), {"phase": "offline"})
+    for name, (path, says) in damaged_checkpoints(tmp_path, good).items():
+        with pytest.raises(CheckpointError) as err:
+            read_checkpoint_metadata(path)
+            load_checkpoint(path, make_state(jax.random.PRNGKey(0)))
+        assert says in str(err.value) and "\n" not in str(err.value), (name, str(err.value))
+
+
+def test_checkpoint_with_the_right_keys_and_wrong_dtypes_is_a_clear_error(tmp_path):
+    from common.checkpoints import CheckpointError
+
+    state = make_state(jax.random.PRNGKey(0))
+    as_ints = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(np.int32), state)
+    save_checkpoint(tmp_path / "ints.npz", as_ints)
+    with pytest.raises(CheckpointError, match=r"has dtype int32, expected float32"):
+        load_checkpoint(tmp_path / "ints.npz", state)
+    as_text = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(str), state)
+    save_checkpoint(tmp_path / "text.npz", as_text)
+    with pytest.raises(CheckpointError, match=r"has dtype <U\d+, expected"):
+        load_checkpoint(tmp_path / "text.npz", state)
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "c.npz"
     save_checkpoint(path, {"a": jnp.ones(3)}, {"v": 1})

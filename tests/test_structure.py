@@ -10,29 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, TINY_FLAGS, assert_same_run
 
-TINY_FLAGS = ["--hidden-dims", "16", "16", "--batch-size", "16", "--no-generate"]
-# No offline phase (fine-tuning from the initial networks): the point is that it runs at all.
-OFFLINE = ["--offline-steps", "0", "--log-every", "100", "--offline-eval-every", "100"]
-ENSEMBLE = ["--ensemble-size", "2", "--bc-steps", "50", "--steps-per-epoch", "100",
-            "--first-epoch-multiplier", "1", "--online-steps", "100"]  # fmt: skip
-RUNS = {
-    "td3_c.py": [*TINY_FLAGS, *OFFLINE, "--online-steps", "100", "--eval-every", "100"],
-    "aca.py": [*TINY_FLAGS, *OFFLINE, "--online-steps", "100", "--eval-every", "100"],
-    "off2on_balanced.py": [*TINY_FLAGS, *OFFLINE, *ENSEMBLE, "--auroc-samples", "10"],
-    "bred.py": [
-        *TINY_FLAGS,
-        *OFFLINE,
-        *ENSEMBLE,
-        "--distill-epochs",
-        "2",
-        "--distill-steps-per-epoch",
-        "10",
-        "--anneal-steps",
-        "100",
-    ],  # fmt: skip
-}
+SCRIPTS = ["td3_c.py", "aca.py", "off2on_balanced.py", "bred.py"]
 
 
 def imported_modules(path: pathlib.Path) -> set[str]:
@@ -56,17 +36,19 @@ def test_common_imports_nothing_from_algorithms_or_benchmarks():
         assert not above, f"common/{path.name} imports {sorted(above)}"
 
 
-@pytest.mark.parametrize("script", sorted(RUNS))
-def test_an_algorithm_file_copied_out_with_common_runs(script, tmp_path, tiny_root):
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_algorithm_file_copied_out_with_common_runs(script, tmp_path, tiny_root, tiny_run):
+    """Copied out with common/ beside it (no repository, no PYTHONPATH), the file runs its tiny
+    budget to the same parameters as in the repository (the same programs, compiled once)."""
     project = tmp_path / "my_project"
     project.mkdir()
     shutil.copy(REPO / "algorithms" / script, project / script)
     shutil.copytree(
         REPO / "common", project / "common", ignore=shutil.ignore_patterns("__pycache__")
     )
+    name = script.removesuffix(".py")
     proc = subprocess.run(
-        [sys.executable, script, "--env", "hopper-medium-v2", *RUNS[script], "--eval-episodes",
-         "1", "--checkpoint-every", "100", "--run-dir", "run"],
+        [sys.executable, script, *TINY_FLAGS[name], "--run-dir", "run"],
         cwd=project, capture_output=True, text=True, timeout=600,
         env={**os.environ, "MINARI_DATASETS_PATH": str(tiny_root), "PYTHONPATH": ""},
     )  # fmt: skip
@@ -74,3 +56,4 @@ def test_an_algorithm_file_copied_out_with_common_runs(script, tmp_path, tiny_ro
     summary = json.loads((project / "run" / "summary.json").read_text())
     assert summary["env"] == "hopper-medium-v2"
     assert sorted(p.name for p in project.iterdir()) == sorted(["common", "run", script])
+    assert_same_run(tiny_run(name).dir, project / "run")

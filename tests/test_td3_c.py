@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
-from conftest import assert_same_run, run_script  # noqa: E402
+from conftest import TINY_FLAGS, assert_same_run, run_script  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "algorithms"))
@@ -297,40 +297,16 @@ def test_td3_clip_is_td3c_without_the_constraint():
     assert not np.allclose(kernel(a), kernel(c))
 
 
-TINY = [
-    "--env",
-    "hopper-medium-v2",
-    "--hidden-dims",
-    "32",
-    "32",
-    "--batch-size",
-    "32",
-    "--offline-steps",
-    "400",
-    "--log-every",
-    "100",
-    "--offline-eval-every",
-    "200",
-    "--online-steps",
-    "600",
-    "--eval-every",
-    "300",
-    "--eval-episodes",
-    "1",
-    "--checkpoint-every",
-    "200",
-    "--no-generate",
-]
+TINY = TINY_FLAGS["td3_c"]
 
 
 def run(run_dir, minari_root, *extra, ok=True):
     return run_script("td3_c.py", TINY, run_dir, minari_root, *extra, ok=ok)
 
 
-def test_tiny_run_and_exact_resume(tiny_root, tmp_path):
-    full = tmp_path / "full"
-    proc = run(full, tiny_root)
-    assert "before fine-tuning" in proc.stdout
+def test_tiny_run_and_exact_resume(tiny_root, tmp_path, tiny_run):
+    full, stdout, _ = tiny_run("td3_c")
+    assert "before fine-tuning" in stdout
     rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     online = [r for r in rows if "online/dual" in r]
     assert len(online) == 6 and all(r["online/dual"] >= 0 for r in online)
