@@ -155,7 +155,7 @@ def pretrained_names() -> list[str]:
     return sorted(str(p.parent.relative_to(PRETRAINED_DIR)) for p in found)
 
 
-def resolve_pretrained(value: str | None, env: str, flag: str = "--offline-checkpoint"):
+def resolve_pretrained(value: str | None, env: str):
     """`value` of --offline-checkpoint as a path: an existing file as it is, or the name of a
     committed agent (a folder under pretrained/) as the file its manifest names, refused in one
     line (CheckpointError) where that agent was pretrained on another dataset than `env`."""
@@ -165,6 +165,12 @@ def resolve_pretrained(value: str | None, env: str, flag: str = "--offline-check
     if not manifest_path.is_file():
         return value  # neither a file nor a name: reported as a missing file
     manifest = json.loads(manifest_path.read_text())
+    flag = "--offline-checkpoint"
+    if not isinstance(manifest.get("file"), str) or "dataset" not in manifest:
+        raise CheckpointError(
+            f"{flag} {value}: {manifest_path} names no file or dataset; re-export the agent "
+            "with python -m benchmarks.export_pretrained"
+        )
     if manifest["dataset"] != env:
         same = [n for n in pretrained_names() if n.startswith(f"{env}/")]
         hint = f"the agents of {env}: {', '.join(same)}" if same else f"--env {manifest['dataset']}"

@@ -95,7 +95,7 @@ COMMITTED = sorted((REPO / "pretrained").glob("*/*/manifest.json"))
 
 
 def stored_file(manifest_path) -> str:
-    return json.loads(manifest_path.read_text()).get("file", "ensemble.npz")
+    return json.loads(manifest_path.read_text())["file"]  # every manifest names its file
 
 
 ENSEMBLES = [p for p in COMMITTED if stored_file(p) == "ensemble.npz"]
@@ -132,6 +132,35 @@ def test_committed_ensembles_match_their_manifests_and_load(manifest_path):
     )
     with pytest.raises(CheckpointError, match=f"pretrained on {manifest['dataset']}, not {other}"):
         o2o.load_offline_ensemble(ensemble, members, other, obs_dim, action_dim)
+
+
+@pytest.mark.parametrize("manifest_path", ENSEMBLES, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("algorithm", ["off2on_balanced", "bred"])
+def test_committed_ensembles_load_by_name_and_refuse_another_dataset(
+    manifest_path, algorithm, tmp_path
+):
+    """`--offline-checkpoint <dataset>/<name>` is the folder's ensemble.npz for the manifest's
+    dataset, and one line naming that dataset's agents for another --env, with nothing written."""
+    from common import lifecycle
+    from common.checkpoints import resolve_pretrained
+
+    folder = manifest_path.parent
+    dataset = json.loads(manifest_path.read_text())["dataset"]
+    name = f"{folder.parent.name}/{folder.name}"
+    assert pathlib.Path(resolve_pretrained(name, dataset)) == folder / "ensemble.npz"
+    other = "walker2d-medium-v2" if dataset != "walker2d-medium-v2" else "hopper-medium-v2"
+    module = __import__(algorithm)
+    cwd = pathlib.Path.cwd()
+    try:
+        os.chdir(tmp_path)
+        with pytest.raises(SystemExit) as exit_info:
+            lifecycle.cli(module.main, module.Args, ["--env", other, "--offline-checkpoint", name])
+    finally:
+        os.chdir(cwd)
+    message = exit_info.value.code
+    assert message.startswith(f"error: --offline-checkpoint {name} was pretrained on {dataset}, "
+                              f"not {other}: pass the agents of {other}: "), message  # fmt: skip
+    assert "\n" not in message and not list(tmp_path.iterdir())
 
 
 # --- TD3-BC and SAC+ML agents (the runs' own offline.npz), loaded by name ----------------------
