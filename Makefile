@@ -8,12 +8,12 @@ ENV ?= hopper
 
 .PHONY: install test lint demo datasets bench-smoke bench-buffers bench-datasets bench-throughput clean
 
-# The main job at a demo budget (~15 min on 2 CPU cores from a fresh clone, dataset generation
-# included): fine-tune the committed N=5 CQL ensemble (pretrained/hopper-medium-v2/cql_n5_200k)
-# with balanced replay and with online samples only (CoRL 2021 Fig. 4c) over the first online
-# steps, then print a table and write the curves as PNG beside the runs (benchmarks/demo.py).
-# DEMO_ARGS="--online-steps 10000" runs longer. The 3-seed, 100k-step comparison is the cpu
-# budget of benchmarks/suites/off2on_fig3.toml (report: benchmarks/results/off2on_fig3/cpu/).
+# The main job: each method beside its naive counterpart (benchmarks/demo.py), under 10 minutes on
+# 2 CPU cores from a fresh clone, dataset generation included: TD3-C vs TD3 and ACA vs SAC -> SAC
+# run live from the committed walker2d agents; BRED vs uniform replay and balanced replay vs online
+# samples only are read from their committed 3-seed runs. Prints a table (the paper's claim, what
+# the runs show, the 3-seed report) and writes one figure with a panel per method.
+# DEMO_ARGS="--online-steps 10000" runs longer.
 DEMO_ARGS ?=
 demo: install
 	$(PY) -m benchmarks.demo $(DEMO_ARGS)
