@@ -158,7 +158,7 @@ class Args(lifecycle.RunFlags):
     offline_backup_entropy: bool = True
     """keep -alpha log pi(a'|s') in the offline backups: the critics' target (Eq. 5, SAC) and
     Z's (Eq. 8, authors' code); off: neither has it (CQL code's backup_entropy=False), see
-    algorithms/README on halfcheetah-medium"""
+    docs/aca.md on halfcheetah-medium"""
     cql_weight: flags.NonNegative = 10.0
     """CQL conservative weight (Table 9)"""
     cql_n_actions: flags.Count = 10

@@ -37,10 +37,11 @@ Deviations and choices:
 - `--new-online-priority one` (not the paper's method; default max, the authors') gives each
   epoch's new online samples priority 1 after the first epoch instead of the running maximum
   (the initial-fraction priority, M f / ((1 - f) 1000) = 1000 on a 1M dataset): a diagnostic for
-  whether that per-epoch burst of the newest data costs balanced replay (algorithms/README.md).
+  whether that per-epoch burst of the newest data costs balanced replay (docs/off2on_balanced.md).
 - `--dr-output softplus` (not the paper's method; default relu, the authors') replaces the
   density-ratio net's output ReLU, whose w = 0 region has zero gradient, by a softplus: a
-  diagnostic for why balanced replay trails uniform replay on hopper-medium (algorithms/README.md).
+  diagnostic for why balanced replay trails uniform replay on hopper-medium
+  (docs/off2on_balanced.md).
 - Hidden layers use Flax's default initialisation (rlkit: fan-in uniform).
 - Q AUROC (Fig. 4b) is logged every epoch on a uniform sample of `--auroc-samples` 5000 online
   (s, a) pairs (the paper: all of them) with `--auroc-random-actions` 10 uniform actions per
