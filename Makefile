@@ -20,11 +20,13 @@ demo: install
 
 install: $(STAMP)
 
-# Re-installs only when requirements.txt changes (idempotent).
-$(STAMP): requirements.txt
+# Re-installs only when requirements.txt or pyproject.toml changes (idempotent). The project
+# itself is installed editable, so `common`, `algorithms` and `benchmarks` import from anywhere.
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
 
 # The whole suite, run before every commit: ruff first (seconds: CI checks the format too, and a
@@ -44,7 +46,7 @@ lint: install
 datasets: install
 	$(PY) benchmarks/make_datasets.py --env $(ENV)
 	for split in random medium medium-replay medium-expert expert; do \
-		$(PY) -m common.datasets verify $(ENV)-$$split-v2 || exit 1; done
+		$(PY) -m common.dataset_cli verify $(ENV)-$$split-v2 || exit 1; done
 
 # Every benchmark suite at the smoke budget (tiny datasets, seconds per run), then the reports
 # (benchmarks/results/<suite>/smoke/, git-ignored). CI runs it. Larger budgets:

@@ -1,96 +1,42 @@
 """Actor-critic alignment (ACA): SAC+ML pretraining, alignment, ACA fine-tuning.
 
-Yu, Zhang. "Actor-Critic Alignment for Offline-to-Online Reinforcement Learning", ICML 2023
-(equation and algorithm numbers below are the paper's).
+Yu, Zhang. "Actor-Critic Alignment for Offline-to-Online Reinforcement Learning", ICML 2023.
+Documentation: docs/aca.md.
 
-Offline (Algorithm 1): SAC+ML. Twin critics with the SAC target (Eq. 5), auto-tuned temperature
-(Eq. 6), and the actor loss of Eq. (4):  E[-log pi(a|s) - lambda (Q(s,b) - alpha log pi(b|s))],
-b ~ pi(.|s), lambda = w / mean|Q| with w = 30. Alongside, two baseline nets Z(s) are fitted by
-the semi-gradient regression of Eq. (8)-(9) (no target network), so that log pi(a|s) + Z(s)
-satisfies the Bellman equation of the offline policy.
-Alignment (Algorithm 2): pi_0 <- frozen copy of the offline actor; the online critics R_i(s,a)
-copy Z_i's weights with the first-layer columns that read the action set to zero, so R(s,a) =
-Z(s) exactly; temperature reset to 1; the offline Q is discarded.
-Online (Algorithm 3, Eq. 12-22): the critic is  Q(s,a) = k CLIP_beta(log pi_0(a|s)) + R(s,a)
-(Eq. 19), CLIP_beta the soft lower clip of Eq. (12)-(13); SAC updates of temperature (Eq. 6),
-critics (Eq. 21-22) and actor (Eq. 20), one per env step, actor gradient norm clipped to 0.25;
-k decays linearly per gradient step: k <- max(k - k0 / (K 1000), k_min). The replay buffer
-(FIFO, 1e6) starts with the top-N offline trajectories by return.
+Offline (Algorithm 1): SAC+ML, twin critics with the SAC target (Eq. 5), temperature (Eq. 6),
+the actor loss of Eq. (4) with lambda = w / mean|Q|, w = 30, and two baselines Z(s) fitted by the
+semi-gradient regression of Eq. (8)-(9). Alignment (Algorithm 2), the paper's contribution,
+`align_critic`: the online critics R(s, a) take Z's weights, action columns zeroed, so R = Z;
+pi_0 is the frozen offline actor. Online (Algorithm 3): Q(s, a) = k CLIP_beta(log pi_0(a|s)) +
+R(s, a) (Eq. 12-13, 19), SAC updates (Eq. 20-22) once per env step, k decaying linearly, the
+buffer seeded with the top-N offline trajectories. Per-dataset beta, k and top-N: Table 10.
+`--finetune sac | bc-only | r-init-q`: SAC -> SAC and the Appendix D.1 ablations;
+`--offline-algo cql` (Sec. 6.3); `--offline-data none` (Sec. 6.4).
 
-Per-dataset defaults (Table 10 / the authors' code), from the dataset name, each a flag:
-    level          beta   k0, K, k_min    top-N
-    random          7     1, 10, 0          0
-    medium          7     1, 40, 0.5        0
-    medium-replay   7     1, 40, 0.5       50
-    medium-expert  15     1, 100, 1        50
-    expert         15     1, 100, 1        50
-Without offline data (`--offline-data none`, Sec. 6.4) beta is 1.5x for medium-replay,
-medium-expert and expert (Appendix C.4).
-
-Baselines and ablations (`--finetune`):
-  aca        the method
-  sac        SAC -> SAC: the offline actor, critics, targets and temperature, plain SAC online,
-             all offline data in the buffer (Appendix E.1)
-  bc-only    Appendix D.1 ablation 1: R = offline Q, plain SAC critic (Eq. 23-24), ACA actor
-  r-init-q   Appendix D.1 ablation 2: ACA with R initialised by the offline Q instead of Z
-`--offline-algo cql` (Sec. 6.3) pretrains CQL(H) instead of SAC+ML and clips log pi at 0 from
-below in Eq. (8), as the paper says.
-
-Choices where the paper is silent (documented defaults):
-- Eq. (8)'s target follows the authors' code: y = r + gamma (1-d) [log pi(a'|s') + min Z(s')
-  - alpha log pi(a'|s')], a' ~ pi(.|s') (the paper prints it without the entropy term).
-- lambda of Eq. (4) uses mean|min Q(s, b)| at the policy's actions (as in d3rlpy's TD3+BC, which
-  the authors adapted); the paper prints the data actions.
-- The online optimisers (Adam, lr 3e-4) start fresh; the actor's is chained after the 0.25
-  gradient-norm clip (ACA variants only: SAC -> SAC is d3rlpy's plain SAC).
-- The bc-only actor uses the same k CLIP_beta(log pi_0) term as ACA's actor (Eq. 11 with the
-  stabilisers of Appendix A.2).
-- CQL (`--offline-algo cql`): fixed conservative weight 10 and 10 sampled actions (Table 9),
-  the CQL(H) log-sum-exp estimator of the CQL authors' code (the same function as in
-  off2on_balanced.py), no Lagrange tuning; actor and temperature lr 1e-4 (Table 11).
-- Evaluation: 10 deterministic episodes every 5000 offline steps and every 1000 online steps
-  (the paper evaluates after every 1000 steps in both phases).
-- Log densities of the tanh-Gaussian are computed from the pre-tanh sample (never via atanh of
-  a saturated action), so log pi_0 at the policy's own actions is exact and finite.
-- The temperature loss (Eq. 6) is the standard one on log alpha, -log alpha (log pi +
-  target entropy), as in the authors' SACMLImpl and ACAImpl (and SAC's and rlkit's code; plain
-  d3rlpy SAC differentiates through alpha = exp(log alpha), whose gradient shrinks with alpha).
-  The target entropy is -|A| (Table 11; the authors' public offline config, mjc_mr.yaml, has
-  target_entropy_coef 1; their medium configs are not public). On hopper-medium the offline
-  alpha ends at ~0: the ML term holds the policy's entropy above the target (-2.3 vs -3), so
-  the loss lowers log alpha at every step (to -147 after 500k steps here, alpha = 0 in
-  float32). SAC -> SAC keeps the offline temperature (the paper "loaded offline-trained SAC+ML
-  and ran SAC online"), so there it fine-tunes with alpha ~ 0 (no entropy bonus); ACA resets
-  it to 1.
-- Where the dataset's behaviour policy is sharper than the target (our halfcheetah-medium:
-  entropy -9.3 at the data's states against -|A| = -6), the temperature binds (alpha ~ 0.8)
-  and SAC+ML collapses after ~165k steps on seed 0 (41-43 -> 2): ML keeps the policy sharp
-  only where the data are, and the entropy backup of Eq. (5), -alpha log pi(a'|s'), pays more
-  off the data (where the policy is broad) than the reward pays for running, so the critic
-  leads the policy off the data (the cheetah flips). `--no-offline-backup-entropy` drops that
-  term from every offline backup, the critics' (CQL code's backup_entropy=False) and Z's (Eq. 8
-  as printed), and holds the policy; the default keeps the paper's Eq. (5). Evidence:
-  benchmarks/results/sacml_divergence/ and, for why Z's target must drop it too (Z ~3000 below
-  the offline Q otherwise), benchmarks/results/aca_z_temperature/.
-- The k schedule is the authors' code: k drops by k0 / (K 1000) per gradient step, so with the
-  medium defaults (1, 40, 0.5) it reaches k_min = 0.5 after 20k updates; Table 10's caption
-  ("K episodes") implies that k reaches its floor after K = 40 episodes (40k steps).
-- Logged diagnostics for the online phase (why ACA does or does not improve): `pi0_log_std`, the
-  mean log-std of pi_0 at the batch states (a sharp pi_0 makes k CLIP(log pi_0) dominate), and
-  at the policy's own actions E|dR/da| (`grad_r`) beside k E|d CLIP(log pi_0)/da| (`grad_prior`),
-  the two forces on the actor.
+Choices where the paper is silent (reasons and evidence: docs/aca.md):
+- Eq. (8)'s target keeps -alpha log pi(a'|s') (the authors' code; the paper prints it without).
+- lambda of Eq. (4) uses mean|min Q| at the policy's actions (d3rlpy's TD3+BC).
+- Online optimisers start fresh; ACA's actor gradient norm is clipped to 0.25.
+- The temperature loss is the standard one on log alpha; target entropy -|A| (Table 11).
+- The k schedule is the authors' code: k drops by k0 / (K 1000) per gradient step.
+- Log densities come from the pre-tanh sample (exact where the action saturates).
+- CQL: fixed weight 10, 10 sampled actions, no Lagrange tuning (Table 9).
+- Evaluation every 5000 offline and 1000 online steps.
+- `--no-offline-backup-entropy` (ours, not the paper's default) drops -alpha log pi(a'|s') from
+  every offline backup (Eq. 5 and Eq. 8): without it SAC+ML collapses offline on our
+  halfcheetah-medium (docs/aca.md).
+- Online diagnostics (ours): `pi0_log_std`, `grad_r` = E|dR/da| and `grad_prior` =
+  k E|d CLIP(log pi_0)/da| at the policy's actions.
 
 Usage:
     python algorithms/aca.py --env hopper-medium-v2
-    python algorithms/aca.py --env hopper-medium-v2 --offline-checkpoint RUN/offline.npz \
-        --finetune sac
+    python algorithms/aca.py --env walker2d-medium-v2 \
+        --offline-checkpoint walker2d-medium-v2/sacml_500k --finetune sac  # a committed agent
     python algorithms/aca.py --env hopper-expert-v2 --offline-data none
 """
 
 import dataclasses
 import math
-import pathlib
-import sys
 from typing import Literal
 
 import jax
@@ -100,18 +46,17 @@ import optax
 from flax import struct
 from flax.training.train_state import TrainState
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from common import flags, lifecycle  # noqa: E402
-from common.buffers import ReplayBuffer  # noqa: E402
-from common.checkpoints import (  # noqa: E402
+from common import flags, lifecycle
+from common.buffers import ReplayBuffer
+from common.checkpoints import (
     load_checkpoint,
     load_offline_agent,
     save_checkpoint,
 )
-from common.datasets import TRANSITION_KEYS, load_d4rl, parse_name  # noqa: E402
-from common.envs import OnlineEnv  # noqa: E402
-from common.evaluation import evaluate  # noqa: E402
-from common.networks import Critic, TanhGaussianPolicy, ValueNet  # noqa: E402
+from common.datasets import TRANSITION_KEYS, load_d4rl, parse_name
+from common.envs import OnlineEnv
+from common.evaluation import evaluate
+from common.networks import Critic, TanhGaussianPolicy, ValueNet
 
 # Table 10 / the authors' code: beta, (k0, K, k_min), top-N trajectories, per dataset level.
 ACA_DEFAULTS = {

@@ -1,51 +1,40 @@
 """BRED: Balanced Replay with Ensemble Distillation.
 
 Lee, Seo, Lee, Abbeel, Shin. "Addressing Distribution Shift in Online Reinforcement Learning with
-Offline Datasets", NeurIPS 2020 Offline RL workshop (equation numbers below are the paper's).
-There is no public code: Sections 4.1-4.2 and Appendix A are the specification.
+Offline Datasets", NeurIPS 2020 Offline RL workshop. No public code: Sections 4.1-4.2 and
+Appendix A are the specification. Documentation: docs/bred.md.
 
-1. Offline: N CQL agents (Eq. 4), trained together with `vmap` over the member axis (the block is
-   shared verbatim with off2on_balanced.py).
-2. Ensemble distillation (Eq. 8-9): one tanh-Gaussian policy regressed onto the mixture's mean
-   and standard deviation (pre-tanh) on offline states, with early stopping on a held-out split.
-3. Online: separate offline and online buffers; each batch takes B (1 - rho_t) offline and
-   B rho_t online samples, rho_t annealed linearly from rho_0 to 1 at t_final (Eq. 7). The
-   distilled policy is updated against the mean of the Q-ensemble (Eq. 10-11); every critic keeps
-   its own target network and is trained independently with the SAC loss (Eq. 1-2), no CQL term.
+1. Offline: N CQL agents (Eq. 4) as one `vmap`ped program (the block is shared verbatim with
+   off2on_balanced.py, and a test checks it).
+2. Ensemble distillation (Eq. 8-9, `distill`): one tanh-Gaussian policy regressed onto the
+   mixture's pre-tanh mean and standard deviation on offline states, with early stopping.
+3. Online, the paper's contribution: balanced replay with a linearly annealed online fraction
+   (Eq. 7, `online_fraction`, `balanced_batch`): each batch takes B (1 - rho_t) offline and
+   B rho_t online samples. The distilled policy is updated against the mean of the Q-ensemble
+   (Eq. 10-11); each critic trains independently with the SAC loss (Eq. 1-2), no CQL term.
    Schedule: 10x updates after the first 1000 online samples, then 1000 updates per 1000.
+Ablations of the paper: `--no-distill` (Fig. 5), `--replay uniform | online-only` (Fig. 4),
+`--online-cql` (Fig. 10).
 
-Choices where the paper is silent (flags, documented defaults):
-- An "epoch" of distillation is 1000 gradient steps (rlkit's convention); up to 1000 epochs,
-  stopping after `--distill-patience` (10) epochs without a better validation loss, keeping the
-  best parameters; 10% of offline transitions (by index, seeded) are held out. Eq. (8) is
-  applied to the pre-tanh mean and standard deviation.
-- The online temperature is auto-tuned from `--init-alpha` 1.0 (target entropy -|A|); policy
-  learning rate 3e-4 (the paper tunes it per task in {3e-4, 3e-5, 5e-6}).
-- The online buffer holds `--online-buffer-size` (250k = all online steps) transitions; critic
-  targets use a next action of the distilled policy shared by all members (each member: min of
-  its own twin target critics, as pretrained).
-- With `--ensemble-size 1` there is no distillation (the paper does the same).
-- `--no-distill` (Fig. 5): keep the N policies; act with a sample of N(mu_hat, sigma_hat) (Eq. 9);
-  update each policy against its own Q (Eq. 3) with its own temperature.
-- `--replay uniform` pools offline and online data and samples uniformly; `online-only` samples
-  online data alone.
-- Where the paper is silent, fine-tuning follows the same authors' Off2On code (CoRL 2021): the
-  online target critics start as copies of the pretrained online critics, and the actor loss
-  uses the critics before this step's critic update.
-- `--online-cql` keeps the CQL regulariser during fine-tuning (Fig. 10) with the fixed weight
-  `--cql-weight` (no Lagrange tuning online); the policy actions of its log-sum-exp come from the
-  acting policy (the distilled one, or each member's own with --no-distill).
+Choices where the paper is silent (details: docs/bred.md):
+- Distillation epochs of 1000 steps, up to 1000, patience 10, 10% of the offline data held out.
+- Online temperature auto-tuned from 1.0 (target entropy -|A|); policy learning rate 3e-4.
+- Critic targets share one next action of the distilled policy; each member takes the min of its
+  own twin targets.
+- `--ensemble-size 1` skips distillation (as the paper does).
+- Otherwise fine-tuning follows the same authors' Off2On code: online target critics start as
+  copies of the critics; the actor loss uses the critics before this step's critic update.
+- `--online-cql` uses the fixed weight `--cql-weight` (no Lagrange tuning online).
 
 Usage:
     python algorithms/bred.py --env hopper-medium-v2
+    python algorithms/bred.py --env hopper-medium-v2 \
+        --offline-checkpoint hopper-medium-v2/cql_n5_200k                  # a committed ensemble
     python algorithms/bred.py --env walker2d-medium-replay-v2 --no-distill
-    python algorithms/bred.py --env hopper-medium-v2 --offline-checkpoint runs/RUN/offline.npz
 """
 
 import dataclasses
 import math
-import pathlib
-import sys
 import time
 from typing import Literal
 
@@ -56,20 +45,19 @@ import optax
 from flax import struct
 from flax.training.train_state import TrainState
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from common import flags, lifecycle  # noqa: E402
-from common.buffers import ReplayBuffer  # noqa: E402
-from common.checkpoints import (  # noqa: E402
+from common import flags, lifecycle
+from common.buffers import ReplayBuffer
+from common.checkpoints import (
     CheckpointError,
     load_checkpoint,
     load_offline_agent,
     read_checkpoint_metadata,
     save_checkpoint,
 )
-from common.datasets import TRANSITION_KEYS, load_d4rl, pretrained_data_note  # noqa: E402
-from common.envs import OnlineEnv  # noqa: E402
-from common.evaluation import evaluate  # noqa: E402
-from common.networks import Critic, TanhGaussianPolicy, tanh_gaussian  # noqa: E402
+from common.datasets import TRANSITION_KEYS, load_d4rl, pretrained_data_note
+from common.envs import OnlineEnv
+from common.evaluation import evaluate
+from common.networks import Critic, TanhGaussianPolicy, tanh_gaussian
 
 
 @dataclasses.dataclass

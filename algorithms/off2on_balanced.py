@@ -1,64 +1,41 @@
 """Offline-to-online RL via balanced replay and a pessimistic Q-ensemble.
 
 Lee, Seo, Lee, Abbeel, Shin. "Offline-to-Online Reinforcement Learning via Balanced Replay and
-Pessimistic Q-Ensemble", CoRL 2021 (equation numbers below are the paper's).
+Pessimistic Q-Ensemble", CoRL 2021. Documentation: docs/off2on_balanced.md.
 
-Offline: N CQL agents (SAC actor + twin critics each), trained together as one program with
-`vmap` over the member axis, each on its own minibatches, with the CQL(H) regulariser of Eq. (3)
-(importance-sampled log-sum-exp over uniform and policy actions, as in the CQL authors' code),
-a BC warm start of the policy, and a deterministic backup.
-Online: the ensemble agent of Eq. (5): a Gaussian with the mixture's mean and variance in pre-tanh
-space (exploration samples it; evaluation uses tanh of its mean) and the mean-of-members critic
-for the actor loss; SAC updates (Eq. 1-2) without the CQL term, auto-tuned temperature reset to 1.
-As in the authors' code, both losses of a step use the critics before that step's update, the
-temperature learns at the policy's learning rate, and the online target critics start as copies
-of the (pretrained) online critics.
-Balanced replay (Sec. 4.1): one on-device prioritized buffer holds the offline data (priority 1)
-and the online samples; a density-ratio network w(s,a) ~ d_on/d_off (last layer U(-3e-3, 3e-3),
-bias 1, so w ~ 1 at the start) is trained with the JS lower bound of Eq. (4) on a uniform offline
-and a uniform online batch per update; at every RL update the sampled transitions get priority
-w^(1/T), from the density-ratio net before its step, self-normalised over that step's offline
-batch (Eq. 6), clamped to [1e-3, 1e3].
-New online samples enter at priority M f / ((1 - f) 1000) (M offline transitions, f the initial
-online fraction), so the first 1000 online samples make up about f of a batch; the default only
-grows (it tracks the largest priority seen).
-Schedule (authors' code): each epoch evaluates, collects 1000 env steps, then runs 1000 updates
-(the first epoch x `first_epoch_multiplier`).
+Offline: N CQL agents trained as one `vmap`ped program, CQL(H) regulariser of Eq. (3), a BC warm
+start and a deterministic backup. Online: the ensemble policy of Eq. (5) (mixture moments in
+pre-tanh space) and the mean-of-members critic, SAC updates (Eq. 1-2) without the CQL term.
+The paper's contribution, balanced replay (Sec. 4.1): a density-ratio network w(s, a) trained
+with the JS bound of Eq. (4) (`js_density_ratio_loss`), whose w^(1/T) become the sampled
+transitions' priorities, self-normalised over the offline batch (Eq. 6, `balanced_priorities`),
+both in `make_online_update`. `--replay uniform | online-only` are the paper's Fig. 4c
+ablations; `--online-cql` its Appendix E one.
+Schedule (authors' code): each epoch collects 1000 env steps, then runs 1000 updates.
 
-Deviations and choices:
-- The paper's appendix says the first epoch runs 5x updates, the authors' code defaults to 10x:
-  `--first-epoch-multiplier` defaults to 10 (the code).
-- The authors' code skips D4RL time-out transitions when loading the buffer, because D4RL's
-  `next_observations` are wrong there. Minari datasets store exact next observations, so they are
-  kept (as non-terminal transitions).
-- `--online-cql` keeps the CQL term online (Appendix E) with the fixed weight --cql-weight (no
-  Lagrange tuning online).
-- The FQE initialisation of Sec. 3 (`--init fqe`) is not implemented.
-- `--new-online-priority one` (not the paper's method; default max, the authors') gives each
-  epoch's new online samples priority 1 after the first epoch instead of the running maximum
-  (the initial-fraction priority, M f / ((1 - f) 1000) = 1000 on a 1M dataset): a diagnostic for
-  whether that per-epoch burst of the newest data costs balanced replay (docs/off2on_balanced.md).
-- `--dr-output softplus` (not the paper's method; default relu, the authors') replaces the
-  density-ratio net's output ReLU, whose w = 0 region has zero gradient, by a softplus: a
-  diagnostic for why balanced replay trails uniform replay on hopper-medium
-  (docs/off2on_balanced.md).
+Deviations and choices (details: docs/off2on_balanced.md):
+- The first epoch runs 10x the updates (the authors' code; the appendix says 5x).
+- Minari stores exact next observations, so time-out transitions are kept (the authors' code
+  drops D4RL's, whose next observations are wrong).
+- New online samples enter at the largest priority seen (authors' code); the initial one gives
+  the first 1000 online samples about `--initial-online-fraction` of a batch.
+- `--online-cql` uses the fixed weight --cql-weight online (no Lagrange tuning).
+- The FQE initialisation of Sec. 3 is not implemented.
 - Hidden layers use Flax's default initialisation (rlkit: fan-in uniform).
-- Q AUROC (Fig. 4b) is logged every epoch on a uniform sample of `--auroc-samples` 5000 online
-  (s, a) pairs (the paper: all of them) with `--auroc-random-actions` 10 uniform actions per
-  state; the paper's single-Q curve is a separate N=1 agent (a run with --ensemble-size 1).
-- The offline and online updates are implemented with one optimizer state over the stacked member
-  parameters; Adam is elementwise, so this equals one Adam per member.
+- Q AUROC (Fig. 4b) is logged every epoch on a uniform sample of 5000 online (s, a) pairs.
+- One optimizer state over the stacked members (Adam is elementwise: one Adam per member).
+- Not the paper's method, diagnostics of our studies: `--new-online-priority one`,
+  `--dr-output softplus`, `--cql-lagrange` (see the documentation).
 
 Usage:
     python algorithms/off2on_balanced.py --env hopper-medium-v2
-    python algorithms/off2on_balanced.py --env hopper-medium-v2 --offline-checkpoint RUN/offline.npz
+    python algorithms/off2on_balanced.py --env hopper-medium-v2 \
+        --offline-checkpoint hopper-medium-v2/cql_n5_200k                  # a committed ensemble
     python algorithms/off2on_balanced.py --env walker2d-random-v2 --replay online-only
 """
 
 import dataclasses
 import math
-import pathlib
-import sys
 from typing import Literal
 
 import flax.linen as nn
@@ -69,20 +46,19 @@ import optax
 from flax import struct
 from flax.training.train_state import TrainState
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from common import flags, lifecycle  # noqa: E402
-from common.buffers import PrioritizedBuffer  # noqa: E402
-from common.checkpoints import (  # noqa: E402
+from common import flags, lifecycle
+from common.buffers import PrioritizedBuffer
+from common.checkpoints import (
     CheckpointError,
     load_checkpoint,
     load_offline_agent,
     read_checkpoint_metadata,
     save_checkpoint,
 )
-from common.datasets import TRANSITION_KEYS, load_d4rl, pretrained_data_note  # noqa: E402
-from common.envs import OnlineEnv  # noqa: E402
-from common.evaluation import evaluate  # noqa: E402
-from common.networks import Critic, TanhGaussianPolicy, tanh_gaussian  # noqa: E402
+from common.datasets import TRANSITION_KEYS, load_d4rl, pretrained_data_note
+from common.envs import OnlineEnv
+from common.evaluation import evaluate
+from common.networks import Critic, TanhGaussianPolicy, tanh_gaussian
 
 
 @dataclasses.dataclass

@@ -30,7 +30,6 @@ Usage:
 import dataclasses
 import json
 import pathlib
-import sys
 from typing import Annotated
 
 import jax
@@ -41,15 +40,14 @@ import tyro
 from flax import struct
 from flax.training.train_state import TrainState
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from common import flags, lifecycle  # noqa: E402
-from common.buffers import ReplayBuffer  # noqa: E402
-from common.checkpoints import atomic_write_text, load_checkpoint, save_checkpoint  # noqa: E402
-from common.d4rl import GYM_ENV_IDS, normalized_score  # noqa: E402
-from common.envs import OnlineEnv  # noqa: E402
-from common.evaluation import evaluate  # noqa: E402
-from common.logger import RUN_FLAGS, Logger, check_same_config, make_run_dir  # noqa: E402
-from common.networks import (  # noqa: E402
+from common import flags, lifecycle
+from common.buffers import ReplayBuffer
+from common.checkpoints import atomic_write_text, load_checkpoint, save_checkpoint
+from common.d4rl import GYM_ENV_IDS, normalized_score
+from common.envs import OnlineEnv
+from common.evaluation import evaluate
+from common.logger import RUN_FLAGS, Logger, check_same_config, make_run_dir
+from common.networks import (
     Critic,
     TanhGaussianPolicy,
     init_ensemble,

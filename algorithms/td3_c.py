@@ -1,68 +1,34 @@
 """TD3-BC pretraining, then TD3-C fine-tuning (conservative TD3 with a Lagrangian trust region).
 
 Luo, Kay, Grefenstette, Deisenroth. "Finetuning from Offline Reinforcement Learning: Challenges,
-Trade-offs and Practical Solutions" (equation numbers below are the paper's).
+Trade-offs and Practical Solutions", 2023. Documentation: docs/td3_c.md.
 
-Offline: TD3-BC (Eq. 3): actor loss  -lambda Q1(s, pi(s)) + mean (pi(s) - a)^2,  lambda =
-alpha / mean|Q1| (no gradient), alpha = 2.5, the squared error averaged over the batch and the
-action dimensions (TD3-BC's `F.mse_loss`); twin critics with target policy smoothing (Eq. 1);
-delayed actor updates. Online: one update per env step, Gaussian exploration noise, and the
-policy step of `--finetune`:
-  td3       max Q1(s, pi(s))
-  td3_clip  td3 with dQ/da clipped (TD3-C's "clipping", no constraint): separates the two
-            changes TD3-C makes
-  td3c      Eq. (4)-(5): max Q1(s, pi(s)) s.t. E[(pi(s) - pi_targ(s))^2] <= epsilon, solved as
-            min_{l >= 0} max_theta E[Q1(s, pi(s)) - l ((pi(s) - pi_targ(s))^2 - epsilon)], the
-            dual l learned by gradient steps (`--dual-update`), dQ/da clipped (Table B2)
-  td3bc     the offline loss, unchanged
-The network is the paper's (Acme's LayerNormMLP): Linear -> LayerNorm -> tanh, then ELU layers,
-256-256, for the policy and both critics; the policy's last layer near-zero initialised.
+Equations: Eq. (1) critic target with target policy smoothing; Eq. (3) TD3-BC actor loss
+(lambda = alpha / mean|Q1|, alpha = 2.5); Eq. (4)-(5) the constrained actor step
+max Q1(s, pi(s)) s.t. E[(pi(s) - pi_targ(s))^2] <= epsilon as a Lagrangian with a learned dual
+(`trust_region_constraint`, `dual_step`, used in `make_update`). `--finetune td3 | td3c | td3bc`:
+the paper's TD3, TD3-C and TD3-BC fine-tuning; `td3_clip` (ours) is TD3 with TD3-C's clipping.
+Network: Acme's LayerNormMLP (Linear -> LayerNorm -> tanh, then ELU), 256-256.
 
-Choices where the paper is silent (flags, documented defaults):
-- Eq. (5) as printed reads  Q - lambda [epsilon - (a - pi')^2],  which would reward deviation;
-  the standard Lagrangian sign (penalising (a - pi')^2 above epsilon) is implemented.
-- The dual update is unknown: the paper (Sec. 3.4) calls the formulation "MPO-like" and
-  optimises primal and dual "jointly by stochastic gradient descent". Three readings are flags:
-  `--dual-update sgd` (default; projected plain SGD on lambda >= 0 from `--init-dual` 0, so
-  lambda moves in proportion to the violation, `--dual-lr` 1e3), `adam` (projected Adam steps
-  on lambda, lr 1e-2: the default until the study below) and `mpo` (lambda = softplus(eta) +
-  1e-8, Adam on eta, lr 1e-2, as Acme's MPO keeps its duals); `--constraint-reduce` averages
-  (default) or sums (pi - pi_targ)^2 over the action dimensions. The study (suite `td3c_dual`,
-  hopper-medium-expert-v2, which no report uses, 3 fine-tuning seeds, 100k online steps;
-  `benchmarks/results/td3c_dual/`) found that *no* reading makes lambda a multiplier that
-  settles: with epsilon = 1e-5 the constraint stays at about half of one actor step's own
-  movement (the actor's Adam normalises its step, and pi_targ trails pi by about that step),
-  3-12 epsilon at every lambda, so lambda integrates the violation for the whole run. What the
-  readings change is how fast lambda gets large: Adam on lambda and MPO's softplus start near 0
-  and leave the first 10-50k steps nearly unconstrained, and they collapsed there on every
-  seed (lowest 16-32); plain SGD reaches lambda ~ 400 within 10k steps, holds the constraint
-  at ~3 epsilon from the start and never fell below 83 (seeds 0-2: 83.3, 92.6, 87.7). So the
-  default is `sgd` + `mean`, read as "a penalty that tightens with the accumulated violation",
-  not an equality-seeking dual.
-- Target networks as in Acme's TD3 (the authors' base): the target critics take a Polyak step
-  every update, the target actor on actor steps only (the TD3 authors delay both). The actor
-  step uses the critics after this step's critic update (TD3 and TD3-BC; Acme: before).
-- Action-gradient clipping as in rlax's dpg loss (Acme DDPG/D4PG): dQ/da clipped elementwise to
-  [-`--dqda-clip`, `--dqda-clip`] = [-1, 1], for td3c (the paper's "clipping: yes").
-- The actor gradient uses critic 1 only (Acme's TD3); evaluation: 10 episodes every 5000 steps.
-- `--offline-data init` loads the offline data into the online FIFO buffer (capacity 1e6, so new
-  samples displace the oldest offline ones, as in Acme); `none` starts from an empty buffer;
-  `--offline-ratio R` keeps them apart and draws a fixed share R of each batch offline
-  (Appendix C.1). From a separate online buffer, updates start after `--min-replay` 1000 online
-  samples (Acme's minimum replay size). `--offline-steps 0 --offline-data none` is TD3
-  from scratch.
+Deviations and choices (the reasons and the study behind each: docs/td3_c.md):
+- Eq. (5) as printed rewards deviation; the standard Lagrangian sign is implemented.
+- The dual update is unspecified: default projected SGD on lambda (`--dual-update sgd`,
+  `--dual-lr` 1e3, from 0), the reading the td3c_dual study chose; `adam` and `mpo` are flags.
+- The constraint averages (pi - pi_targ)^2 over action dimensions (`--constraint-reduce mean`).
+- Targets as in Acme's TD3: target critics step every update, the target actor on actor steps.
+- dQ/da clipped elementwise to [-1, 1] for td3c (rlax's dpg loss; the paper's "clipping: yes").
+- The actor gradient uses critic 1 only (Acme's TD3).
+- `--offline-data init` seeds the online FIFO with the offline data (Acme); `none` starts empty;
+  `--offline-ratio R` draws a fixed share offline (Appendix C.1).
 
 Usage:
     python algorithms/td3_c.py --env hopper-medium-v2                       # td3c fine-tuning
     python algorithms/td3_c.py --env hopper-medium-v2 --finetune td3
-    python algorithms/td3_c.py --env hopper-medium-v2 --finetune td3_clip
-    python algorithms/td3_c.py --env hopper-medium-v2 --offline-checkpoint RUN/offline.npz \
-        --finetune td3bc
+    python algorithms/td3_c.py --env walker2d-medium-v2 \
+        --offline-checkpoint walker2d-medium-v2/td3bc_500k                  # a committed agent
 """
 
 import dataclasses
-import pathlib
-import sys
 from typing import Literal
 
 import jax
@@ -72,18 +38,17 @@ import optax
 from flax import struct
 from flax.training.train_state import TrainState
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from common import flags, lifecycle  # noqa: E402
-from common.buffers import ReplayBuffer  # noqa: E402
-from common.checkpoints import (  # noqa: E402
+from common import flags, lifecycle
+from common.buffers import ReplayBuffer
+from common.checkpoints import (
     load_checkpoint,
     load_offline_agent,
     save_checkpoint,
 )
-from common.datasets import TRANSITION_KEYS, load_d4rl  # noqa: E402
-from common.envs import OnlineEnv  # noqa: E402
-from common.evaluation import evaluate  # noqa: E402
-from common.networks import Critic, DeterministicActor  # noqa: E402
+from common.datasets import TRANSITION_KEYS, load_d4rl
+from common.envs import OnlineEnv
+from common.evaluation import evaluate
+from common.networks import Critic, DeterministicActor
 
 
 @dataclasses.dataclass

@@ -11,15 +11,13 @@ import argparse
 import json
 import pathlib
 import platform
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from common.buffers import PrioritizedBuffer, ReplayBuffer  # noqa: E402
-from common.checkpoints import atomic_write_text  # noqa: E402
+from common.buffers import PrioritizedBuffer, ReplayBuffer
+from common.checkpoints import atomic_write_text
 
 
 def timed(fn, *args, repeats: int = 3) -> float:

@@ -13,15 +13,14 @@ import os
 import pathlib
 import platform
 import shutil
-import sys
 import tempfile
 import time
 
+from benchmarks import make_datasets
+from common.checkpoints import atomic_write_text
+from common.datasets import load_d4rl
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from benchmarks import make_datasets  # noqa: E402
-from common.checkpoints import atomic_write_text  # noqa: E402
-from common.datasets import load_d4rl  # noqa: E402
 
 
 def main():

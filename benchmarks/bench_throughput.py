@@ -24,11 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.machine import machine_info
+from common.checkpoints import atomic_write_text
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "algorithms"))
-from benchmarks.machine import machine_info  # noqa: E402
-from common.checkpoints import atomic_write_text  # noqa: E402
 
 OBS_DIM, ACTION_DIM, NUM_OFFLINE = 11, 3, 1_000_000
 ALGORITHMS = ("off2on_balanced", "bred", "td3_c", "aca", "sac")
@@ -75,8 +74,7 @@ def end_to_end(collect_per_s: float, updates_per_s: float) -> float:
 
 
 def bench_off2on(data, quick: bool) -> dict:
-    import off2on_balanced as o2o
-
+    from algorithms import off2on_balanced as o2o
     from common.networks import Critic, TanhGaussianPolicy
 
     results = {}
@@ -131,8 +129,7 @@ def bench_off2on(data, quick: bool) -> dict:
 
 def bench_bred(data, quick: bool) -> dict:
     """Distillation and online updates/s (the offline phase is off2on_balanced's CQL block)."""
-    import bred
-
+    from algorithms import bred
     from common.networks import Critic, TanhGaussianPolicy
 
     args = bred.Args(ensemble_size=5, distill_steps_per_epoch=100 if quick else 500)
@@ -181,8 +178,7 @@ def bench_bred(data, quick: bool) -> dict:
 def bench_td3_c(data, quick: bool) -> dict:
     """Offline TD3-BC updates/s (plain MLPs and the paper's LayerNorm network) and online TD3-C
     env steps/s end to end (Hopper-v5 stepping, one update per step, 1M-item buffer)."""
-    import td3_c
-
+    from algorithms import td3_c
     from common.buffers import ReplayBuffer
     from common.envs import OnlineEnv
 
@@ -241,8 +237,7 @@ def bench_td3_c(data, quick: bool) -> dict:
 def bench_aca(data, quick: bool) -> dict:
     """Offline SAC+ML updates/s (with the Z baselines) and online ACA env steps/s end to end
     (Hopper-v5 stepping, one update per step, 1M-item FIFO buffer)."""
-    import aca
-
+    from algorithms import aca
     from common.buffers import ReplayBuffer
     from common.envs import OnlineEnv
     from common.networks import Critic, TanhGaussianPolicy, ValueNet
@@ -294,7 +289,7 @@ def bench_aca(data, quick: bool) -> dict:
 
 
 def bench_sac(quick: bool) -> dict:
-    import sac
+    from algorithms import sac
 
     args = sac.Args(learning_starts=0, buffer_size=1_000_000)
     state = sac.create_state(args, OBS_DIM, ACTION_DIM, jax.random.PRNGKey(0))

@@ -26,12 +26,12 @@ import sys
 import tempfile
 import time
 
+from benchmarks.machine import machine_info
+from benchmarks.run import child_setup, core_groups
+from common.checkpoints import atomic_write_text
+from common.flags import ArgumentParser, Range, arg_type
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from benchmarks.machine import machine_info  # noqa: E402
-from benchmarks.run import child_setup, core_groups  # noqa: E402
-from common.checkpoints import atomic_write_text  # noqa: E402
-from common.flags import ArgumentParser, Range, arg_type  # noqa: E402
 
 DATASET = "hopper-medium-v2"
 QUIET = ["--offline-eval-every", "1000000000", "--checkpoint-every", "1000000000"]

@@ -30,11 +30,11 @@ import sys
 import time
 import types
 
+from benchmarks import report
+from common.checkpoints import atomic_write_bytes, atomic_write_text
+from common.flags import ArgumentParser, Range, arg_type
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from benchmarks import report  # noqa: E402
-from common.checkpoints import atomic_write_bytes, atomic_write_text  # noqa: E402
-from common.flags import ArgumentParser, Range, arg_type  # noqa: E402
 
 LOGS = REPO / "benchmarks" / "logs"
 RESULTS = REPO / "benchmarks" / "results"

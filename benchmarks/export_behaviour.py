@@ -17,19 +17,18 @@ Usage:
 import argparse
 import json
 import pathlib
-import sys
 
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common.checkpoints import atomic_write_bytes, atomic_write_text, load_checkpoint
+from common.d4rl import GYM_ENV_IDS, normalized_score
+from common.evaluation import evaluate
+from common.networks import TanhGaussianPolicy, tanh_gaussian, tanh_gaussian_mode
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from common.checkpoints import atomic_write_bytes, atomic_write_text, load_checkpoint  # noqa: E402
-from common.d4rl import GYM_ENV_IDS, normalized_score  # noqa: E402
-from common.evaluation import evaluate  # noqa: E402
-from common.networks import TanhGaussianPolicy, tanh_gaussian, tanh_gaussian_mode  # noqa: E402
 
 POLICY_DIR = REPO / "benchmarks" / "behaviour_policies"
 # D4RL's medium behaviour returns (-v2 datasets), the targets of the medium policy.

@@ -24,20 +24,19 @@ import pathlib
 import re
 import shutil
 import sys
-import zipfile
-import zlib
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from common.checkpoints import (  # noqa: E402
+from common.checkpoints import (
+    UNREADABLE_ERRORS,
     CheckpointError,
     atomic_write_bytes,
     atomic_write_text,
     read_checkpoint_metadata,
     save_checkpoint,
 )
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The metadata `kind` of an exported ensemble; the algorithm files recognise it.
 PRETRAINED_KIND = "cql_ensemble_params"
@@ -77,7 +76,7 @@ def ensemble_params(offline_npz: pathlib.Path) -> dict:
     try:
         with np.load(offline_npz, allow_pickle=False) as stored:
             params = {name: params_under(stored, prefix) for name, prefix in PARTS.items()}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+    except UNREADABLE_ERRORS:
         raise ExportError(f"{offline_npz} is not a whole .npz archive (truncated?)") from None
     if not params["actor"] or not params["critic"]:
         raise ExportError(f"{offline_npz} holds no CQL ensemble (is it an off2on/bred run?)")

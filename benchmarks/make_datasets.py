@@ -12,11 +12,9 @@ import json
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from common.checkpoints import atomic_write_text  # noqa: E402
-from common.d4rl import GYM_ENV_IDS, SPLITS, DatasetError, normalized_score  # noqa: E402
-from common.d4rl_recipe import (  # noqa: E402, F401 - re-exported: the generator's API
+from common.checkpoints import atomic_write_text
+from common.d4rl import GYM_ENV_IDS, SPLITS, DatasetError, normalized_score
+from common.d4rl_recipe import (  # noqa: F401 - re-exported: the generator's API
     POLICY_DIR,
     collect,
     generate,
@@ -25,7 +23,9 @@ from common.d4rl_recipe import (  # noqa: E402, F401 - re-exported: the generato
     replay_episodes,
     summarize,
 )
-from common.minari_io import GENERATED_NAMESPACE, minari_id, minari_root  # noqa: E402
+from common.minari_io import GENERATED_NAMESPACE, minari_id, minari_root
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Typical behaviour returns of D4RL's medium datasets, from ../shared/docs/ALGORITHM_FACTS.md
 # (the only D4RL behaviour statistics in the project's sources).

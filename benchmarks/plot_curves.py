@@ -25,9 +25,8 @@ import math
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks.report import read_run_dir, style_axis, write_csv  # noqa: E402
-from common.checkpoints import atomic_write_bytes, atomic_write_text  # noqa: E402
+from benchmarks.report import read_run_dir, style_axis, write_csv
+from common.checkpoints import atomic_write_bytes, atomic_write_text
 
 
 class RunError(ValueError):

@@ -65,7 +65,7 @@ class CheckpointError(UsageError):
 
 # What numpy raises for a file that is not a whole .npz: not a zip, a truncated or corrupt zip
 # (a member's CRC or compressed data), a pickled .npy, an object array (allow_pickle=False).
-_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+UNREADABLE_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def _open(path: pathlib.Path):
@@ -76,7 +76,7 @@ def _open(path: pathlib.Path):
         raise CheckpointError(f"checkpoint {path} is a directory, not a file")
     try:
         stored = np.load(path, allow_pickle=False)
-    except _UNREADABLE:
+    except UNREADABLE_ERRORS:
         raise CheckpointError(
             f"{path} is not a checkpoint (not a whole .npz archive: truncated or another format)"
         ) from None
@@ -89,7 +89,7 @@ def _read(path: pathlib.Path, stored, key: str) -> np.ndarray:
     """One array of an open checkpoint; a member that cannot be read is a one-line error."""
     try:
         return stored[key]
-    except _UNREADABLE:
+    except UNREADABLE_ERRORS:
         raise CheckpointError(
             f"{path} is damaged: its entry {key} cannot be read (truncated or corrupt .npz)"
         ) from None

@@ -1,5 +1,5 @@
 """Checking a dataset: `check_arrays` (cheap, on every load: finite values and the spaces'
-shapes) and `verify_dataset` (the whole file, for `python -m common.datasets verify`)."""
+shapes) and `verify_dataset` (the whole file, for `python -m common.dataset_cli verify`)."""
 
 import pathlib
 
@@ -12,7 +12,7 @@ from common.d4rl import D4RL_REF_SCORES, GYM_ENV_IDS, DatasetError, normalized_s
 def check_arrays(arrays: dict, metadata: dict, dataset_id: str, name: str) -> None:
     """The cheap part of `verify_dataset`, on every load: finite values and the spaces' shapes,
     so a damaged dataset stops the run with one line instead of training on NaN."""
-    fix = f"check it with `python -m common.datasets verify {name}` and re-create it"
+    fix = f"check it with `python -m common.dataset_cli verify {name}` and re-create it"
     obs_shape = tuple(metadata["observation_space"].shape)
     action_shape = tuple(metadata["action_space"].shape)
     n = len(arrays["rewards"])

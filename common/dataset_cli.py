@@ -1,4 +1,4 @@
-"""`python -m common.datasets list | info NAME | verify NAME`: the datasets' command line."""
+"""`python -m common.dataset_cli list | info NAME | verify NAME`: the datasets' command line."""
 
 import sys
 
@@ -9,7 +9,7 @@ from common.flags import ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m common.datasets", description=__doc__)
+    parser = ArgumentParser(prog="python -m common.dataset_cli", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the known D4RL names and where each resolves")
     info = sub.add_parser("info", help="load a dataset by name and describe it")
@@ -53,3 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,9 +14,9 @@ step, including the last one of a time-limit-truncated episode; such a step has 
 
 This module resolves names and loads; the rest of the dataset code has one module per concern:
 `d4rl` (names, constants, scores), `minari_io` (reading and writing Minari files),
-`dataset_checks` (integrity), `d4rl_recipe` (the generator) and `dataset_cli` (the command line:
-`python -m common.datasets list | info NAME | verify NAME`). The names other code imports from
-here are re-exported below.
+`dataset_checks` (integrity), `d4rl_recipe` (the generator) and `dataset_cli` (the command line,
+which imports this module and is not imported by it: `python -m common.dataset_cli list | info
+NAME | verify NAME`). The names other code imports from here are re-exported below.
 """
 
 import dataclasses
@@ -180,7 +180,7 @@ def load_d4rl(
     except Exception as err:  # noqa: BLE001 - any read failure means a damaged dataset
         raise DatasetError(
             f"{dataset_id} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            f"check it with `python -m common.datasets verify {name}` and re-create it"
+            f"check it with `python -m common.dataset_cli verify {name}` and re-create it"
         ) from None
     check_arrays(arrays, metadata, dataset_id, name)
     action_high = np.asarray(metadata["action_space"].high)
@@ -258,9 +258,3 @@ def return_range_reward_scale(data: OfflineData, target_range: float = 1000.0) -
 
 def scale_rewards(rewards, scale: float = 1.0, bias: float = 0.0):
     return rewards * scale + bias
-
-
-if __name__ == "__main__":
-    from common.dataset_cli import main
-
-    raise SystemExit(main())

@@ -256,8 +256,10 @@ def cli(main, args_type, argv: list[str] | None = None):
     one line on stderr ('error: ...') and exit status 1; Ctrl-C (SIGINT) or SIGTERM with one line
     (`interruption_line`) and exit status 130 or 143, without a traceback. The checkpoints are
     written atomically, so the last one is whole and `--resume` continues bit-identically."""
+    _WHERE.update(run_dir=None, checkpoint=None, bar=None)  # nothing from an earlier call
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     argv_used = sys.argv[1:] if argv is None else argv
     try:
         return main(tyro.cli(args_type, args=argv))
@@ -274,3 +276,6 @@ def cli(main, args_type, argv: list[str] | None = None):
         # that was interrupted, and tearing them down under it crashed the process (SIGSEGV) in
         # one of six trials. Every file that matters is already closed or flushed per line.
         os._exit(143 if terminated else 130)
+    finally:  # a caller that runs several scripts in one process gets its own handler back
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -6,7 +6,6 @@ import typing
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 # Tests never touch the network (the Minari hub).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # XLA's CPU backend at optimisation level 1 (of 3), for this process and every script the tests

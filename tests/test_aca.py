@@ -9,13 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
-from conftest import TINY_FLAGS, assert_same_run, run_script  # noqa: E402
+from conftest import TINY_FLAGS, assert_same_run, run_script
+
+from algorithms import aca
+from common.networks import Critic, TanhGaussianPolicy, ValueNet, tanh_gaussian
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "algorithms"))
-import aca  # noqa: E402
-
-from common.networks import Critic, TanhGaussianPolicy, ValueNet, tanh_gaussian  # noqa: E402
 
 OBS, ACT = 11, 3
 
@@ -439,7 +438,7 @@ def test_online_critic_and_actor_losses_are_eq20_to_22(offline_backup_entropy):
 
 
 def test_sacml_divergence_branches_continue_the_run_exactly(tiny_root, tmp_path):
-    """benchmarks.sacml_divergence: the control branch reproduces the run it starts from (same
+    """studies/sacml_divergence: the control branch reproduces the run it starts from (same
     metrics, bit for bit) and fixed-alpha holds the temperature at its checkpoint value, also
     after resuming from its own checkpoint."""
     import shutil
@@ -454,7 +453,7 @@ def test_sacml_divergence_branches_continue_the_run_exactly(tiny_root, tmp_path)
     def branch(variant, steps=200):
         out = tmp_path / variant
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.sacml_divergence", "--checkpoint",
+            [sys.executable, "-m", "studies.sacml_divergence.sacml_divergence", "--checkpoint",
              str(saved / "checkpoint.npz"), "--variant", variant, "--steps", str(steps),
              "--eval-every", "200", "--out", str(out)],
             cwd=REPO, capture_output=True, text=True,

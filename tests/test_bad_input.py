@@ -23,10 +23,9 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "algorithms"))
-from common import lifecycle  # noqa: E402
-from common.checkpoints import save_checkpoint  # noqa: E402
-from common.flags import (  # noqa: E402
+from common import lifecycle
+from common.checkpoints import save_checkpoint
+from common.flags import (
     PathFlag,
     Range,
     flag,
@@ -50,7 +49,7 @@ BASE = {s: ["--env", "hopper-medium-v2", "--no-generate"] for s in SCRIPTS} | {
 
 
 def module(script: str):
-    return importlib.import_module(script)
+    return importlib.import_module(f"algorithms.{script}")
 
 
 def files_under(path: pathlib.Path) -> set:
@@ -287,7 +286,7 @@ def test_unknown_and_damaged_datasets(script, workdir, tmp_path, minari_env, mon
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(damaged))
     message = expect_usage_error(script, SMALL[script], workdir)
     assert "is damaged: 1 transitions with non-finite rewards" in message, message
-    assert "python -m common.datasets verify hopper-medium-v2" in message
+    assert "python -m common.dataset_cli verify hopper-medium-v2" in message
     h5 = damaged / "o2o/hopper/medium-v0/data/main_data.hdf5"
     with h5py.File(h5, "a") as f:  # NaN repaired, one episode's observations one column short
         f["episode_1/rewards"][2] = 0.0

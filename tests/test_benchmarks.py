@@ -88,8 +88,6 @@ def test_every_suite_job_parses_with_its_script_flags(tmp_path):
 
     import tyro
 
-    sys.path.insert(0, str(REPO / "algorithms"))
-
     parsed = {}
     for name in SUITES:
         suite = sweep.load_suite(name)
@@ -97,7 +95,7 @@ def test_every_suite_job_parses_with_its_script_flags(tmp_path):
             for job in sweep.expand(suite, suite.budget(budget), tmp_path):
                 # the job's own suite: bred_fig3 lists off2on_fig3's pretraining jobs
                 script = sweep.load_suite(job.suite).script
-                module = importlib.import_module(script.removesuffix(".py"))
+                module = importlib.import_module(f"algorithms.{script.removesuffix('.py')}")
                 argv = list(job.argv)
                 if "--offline-checkpoint" in argv:  # the path is checked when the run starts
                     at = argv.index("--offline-checkpoint")
@@ -1034,7 +1032,7 @@ def test_a_claim_naming_an_unknown_variant_or_kind_is_a_one_line_error(tmp_path,
 
 
 def test_q_calibration_returns_to_go_restart_at_each_episode(tmp_path):
-    from benchmarks import q_calibration
+    from studies.q_calibration import q_calibration
 
     gamma = 0.9
     rewards = [1.0, 1.0, 1.0, 2.0, 2.0]  # episode 7: three steps of 1, episode 8: two of 2
@@ -1049,7 +1047,7 @@ def test_q_calibration_returns_to_go_restart_at_each_episode(tmp_path):
 
 
 def test_q_calibration_behaviour_returns_to_go_by_step_average_the_episodes_that_reach_it():
-    from benchmarks import q_calibration
+    from studies.q_calibration import q_calibration
 
     # Episodes 4 (3 steps), 9 (1 step), 4 again (2 steps: an id change starts a new episode).
     episode_ids = np.array([4, 4, 4, 9, 4, 4])
@@ -1063,7 +1061,7 @@ def test_q_calibration_behaviour_returns_to_go_by_step_average_the_episodes_that
 
 
 def test_q_calibration_rollout_records_each_state_before_its_action_and_stops_at_the_end():
-    from benchmarks import q_calibration
+    from studies.q_calibration import q_calibration
 
     class Counter:  # obs = [t, seed]; reward t + action; falls at t = 3 unless truncated first
         def __init__(self, limit):
@@ -1098,7 +1096,7 @@ def test_q_calibration_rejects_a_file_that_is_not_an_ensemble(tmp_path):
              (tmp_path / "nope.npz", "does not exist"))  # fmt: skip
     for path, says in cases:
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.q_calibration", str(path),
+            [sys.executable, "-m", "studies.q_calibration.q_calibration", str(path),
              "--out", str(tmp_path / "q")],
             cwd=REPO, capture_output=True, text=True,
         )  # fmt: skip

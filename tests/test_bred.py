@@ -1,22 +1,20 @@
 import dataclasses
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
-from conftest import TINY_FLAGS, assert_same_run, run_script  # noqa: E402
+from conftest import TINY_FLAGS, assert_same_run, run_script
+
+from algorithms import bred
+from common.buffers import ReplayBuffer
+from common.logger import Logger
+from common.networks import Critic, TanhGaussianPolicy, init_ensemble, tanh_gaussian
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "algorithms"))
-import bred  # noqa: E402
-
-from common.buffers import ReplayBuffer  # noqa: E402
-from common.logger import Logger  # noqa: E402
-from common.networks import Critic, TanhGaussianPolicy, init_ensemble, tanh_gaussian  # noqa: E402
 
 
 def members(n=3, action_dim=2, obs_dim=4, hidden=(16,)):

@@ -60,7 +60,7 @@ def test_normalized_score_of_reference_returns_is_0_and_100(minari_env):
 
 def test_unknown_name_is_a_one_line_error_listing_known_names():
     proc = subprocess.run(
-        [sys.executable, "-m", "common.datasets", "info", "hopper-mediocre-v2"],
+        [sys.executable, "-m", "common.dataset_cli", "info", "hopper-mediocre-v2"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -130,7 +130,7 @@ def test_observation_stats_normalise(minari_env):
 
 def test_info_cli_prints_which_dataset_was_used(minari_env):
     proc = subprocess.run(
-        [sys.executable, "-m", "common.datasets", "info", "hopper-medium-v2"],
+        [sys.executable, "-m", "common.dataset_cli", "info", "hopper-medium-v2"],
         cwd=REPO,
         capture_output=True,
         text=True,

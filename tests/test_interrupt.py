@@ -70,3 +70,41 @@ def test_interrupt_prints_one_line_and_the_printed_command_resumes_bit_identical
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(tiny_run(script).dir, part)  # bit-identical to the uninterrupted run
+
+
+def test_each_cli_call_starts_clean_and_gives_the_sigterm_handler_back(tmp_path):
+    """Two scripts run in one process (as tests and notebooks do): the second's interruption
+    line knows nothing of the first's run, and the caller's SIGTERM handler is back after each."""
+    import dataclasses
+
+    from common import lifecycle
+
+    @dataclasses.dataclass
+    class Args:
+        steps: int = 1
+
+    def first(args):
+        lifecycle.note_run(tmp_path / "run")
+        lifecycle.note_checkpoint(tmp_path / "run" / "checkpoint.npz", "step 1")
+        return 0
+
+    seen = {}
+
+    def second(args):
+        seen["line"] = lifecycle.interruption_line("SIGTERM", [])
+        seen["handler"] = signal.getsignal(signal.SIGTERM)
+        return 0
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert lifecycle.cli(first, Args, []) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert lifecycle.cli(second, Args, []) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert seen["handler"] is not mine  # the script's own handler while it runs
+    assert seen["line"] == "interrupted (SIGTERM) before the run started; nothing was written"

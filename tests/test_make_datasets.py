@@ -148,7 +148,7 @@ def test_missing_dataset_is_generated_on_first_use(policy_dir, tmp_path, monkeyp
 
 def run_verify(root, name):
     return subprocess.run(
-        [sys.executable, "-m", "common.datasets", "verify", name],
+        [sys.executable, "-m", "common.dataset_cli", "verify", name],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -1,7 +1,6 @@
 import json
 import math
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,15 +8,14 @@ import numpy as np
 import optax
 import pytest
 import reference as ref
-from conftest import TINY_FLAGS, assert_same_run, run_script  # noqa: E402
+from conftest import TINY_FLAGS, assert_same_run, run_script
 from flax.training.train_state import TrainState
 from scipy.special import logsumexp
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "algorithms"))
-import off2on_balanced as o2o  # noqa: E402
+from algorithms import off2on_balanced as o2o
+from common.buffers import PrioritizedBuffer
 
-from common.buffers import PrioritizedBuffer  # noqa: E402
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("output", ["relu", "softplus"])

@@ -2,22 +2,21 @@
 algorithm files load them as the run's own offline checkpoint, and the one-line errors."""
 
 import hashlib
+import importlib
 import json
 import os
 import pathlib
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_FLAGS, run_script  # noqa: E402
+from conftest import TINY_FLAGS, run_script
+
+from algorithms import off2on_balanced as o2o
+from benchmarks import export_pretrained
+from common.checkpoints import CheckpointError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "algorithms"))
-import off2on_balanced as o2o  # noqa: E402
-
-from benchmarks import export_pretrained  # noqa: E402
-from common.checkpoints import CheckpointError  # noqa: E402
 
 
 def members_of(n, hidden=(32, 32), obs_dim=11, action_dim=3):
@@ -149,7 +148,7 @@ def test_committed_ensembles_load_by_name_and_refuse_another_dataset(
     name = f"{folder.parent.name}/{folder.name}"
     assert pathlib.Path(resolve_pretrained(name, dataset)) == folder / "ensemble.npz"
     other = "walker2d-medium-v2" if dataset != "walker2d-medium-v2" else "hopper-medium-v2"
-    module = __import__(algorithm)
+    module = importlib.import_module(f"algorithms.{algorithm}")
     cwd = pathlib.Path.cwd()
     try:
         os.chdir(tmp_path)
@@ -172,8 +171,7 @@ def whole_run_target(algorithm: str, hidden, obs_dim: int, action_dim: int):
     """The structure the algorithm file loads an offline.npz into (as its `main` builds it)."""
     key = jax.random.PRNGKey(0)
     if algorithm == "td3_c":
-        import td3_c
-
+        from algorithms import td3_c
         from common.buffers import ReplayBuffer
 
         args = td3_c.Args(hidden_dims=hidden)
@@ -183,7 +181,7 @@ def whole_run_target(algorithm: str, hidden, obs_dim: int, action_dim: int):
             args, actor, critic, obs_dim, action_dim, key, ReplayBuffer.create(example, 1)
         )
         return (state.actor, state.actor_target, state.critic, state.critic_target, state.key)
-    import aca
+    from algorithms import aca
 
     args = aca.Args(hidden_dims=hidden)
     nets = aca.TanhGaussianPolicy(action_dim, hidden), aca.Critic(hidden), aca.ValueNet(hidden)
@@ -211,7 +209,7 @@ def test_committed_agents_load_by_name_and_refuse_another_dataset(folder, tmp_pa
     assert any(not np.array_equal(a, b) for a, b in zip(fresh, mine, strict=True))
     # by name on another dataset: one line, before any dataset is read or anything written
     other = "hopper-medium-v2" if dataset != "hopper-medium-v2" else "walker2d-medium-v2"
-    module = __import__(algorithm)
+    module = importlib.import_module(f"algorithms.{algorithm}")
     cwd = pathlib.Path.cwd()
     try:
         os.chdir(tmp_path)

@@ -1,4 +1,4 @@
-"""benchmarks/replay_probe.py: the balanced-replay probe's statistics, checked against direct
+"""studies/replay_probe: the balanced-replay probe's statistics, checked against direct
 NumPy computations, and the probe on a real tiny balanced run."""
 
 import itertools
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import replay_probe
+from studies.replay_probe import replay_probe
 from tests.conftest import REPO
 from tests.test_off2on_balanced import run
 
@@ -67,7 +67,7 @@ def jax_leaves_equal(a, b) -> bool:
 
 def probe_cli(run_dir):
     return subprocess.run(
-        [sys.executable, "-m", "benchmarks.replay_probe", str(run_dir)],
+        [sys.executable, "-m", "studies.replay_probe.replay_probe", str(run_dir)],
         cwd=REPO,
         capture_output=True,
         text=True,

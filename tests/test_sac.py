@@ -7,9 +7,9 @@ import sys
 import jax
 import numpy as np
 
+from algorithms import sac
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "algorithms"))
-import sac  # noqa: E402
 
 TINY = [
     "--env",

@@ -36,6 +36,23 @@ def test_common_imports_nothing_from_algorithms_or_benchmarks():
         assert not above, f"common/{path.name} imports {sorted(above)}"
 
 
+def test_common_modules_import_each_other_without_a_cycle():
+    """No module of common/ reaches itself through its imports (lazy ones included): each can be
+    read, copied and tested on its own."""
+    graph = {}
+    for path in sorted((REPO / "common").glob("*.py")):
+        mods = {m.split(".")[1] for m in imported_modules(path) if m.startswith("common.")}
+        graph[path.stem] = mods
+    for start in graph:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            mod = todo.pop()
+            assert mod != start, f"common/{start}.py imports itself through {sorted(seen)}"
+            if mod not in seen:
+                seen.add(mod)
+                todo += graph.get(mod, ())
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_an_algorithm_file_copied_out_with_common_runs(script, tmp_path, tiny_root, tiny_run):
     """Copied out with common/ beside it (no repository, no PYTHONPATH), the file runs its tiny

@@ -1,20 +1,18 @@
 import dataclasses
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
-from conftest import TINY_FLAGS, assert_same_run, run_script  # noqa: E402
+from conftest import TINY_FLAGS, assert_same_run, run_script
+
+from algorithms import td3_c
+from common.buffers import ReplayBuffer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "algorithms"))
-import td3_c  # noqa: E402
-
-from common.buffers import ReplayBuffer  # noqa: E402
 
 
 def test_td3bc_loss_averages_the_bc_term_over_batch_and_action_dimensions():

@@ -20,33 +20,30 @@ correct the hard way. With gamma = 0.99 a fall late in an episode costs its firs
 (0.99^250 = 0.08), so a gait that falls can look good to a correct Q while its undiscounted
 normalized score halves: compare the steps just before a fall too.
 
-    python -m benchmarks.q_calibration pretrained/hopper-medium-v2/cql_n5_200k/ensemble.npz \\
-        [--episodes 3] [--states 5000] [--out DIR]
+    python -m studies.q_calibration.q_calibration \\
+        pretrained/hopper-medium-v2/cql_n5_200k/ensemble.npz [--episodes 3] [--states 5000] \\
+        [--out DIR]
 
 It takes an exported ensemble (`benchmarks/export_pretrained.py`) or the run dir of an
 `off2on_balanced.py` / `bred.py` run, finished (its `offline.npz`) or still pretraining (its
 resume `checkpoint.npz`, read as it stands). Prints Markdown tables; `--out DIR` also writes
 `q_calibration.{md,json}` there.
 
-    python -m benchmarks.q_calibration runs/pretrain/off2on_cql5_hopper-medium-v2_200k
+    python -m studies.q_calibration.q_calibration runs/pretrain/off2on_cql5_hopper-medium-v2_200k
 """
 
 import functools
 import json
 import pathlib
-import sys
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "algorithms"))
-from common.checkpoints import (  # noqa: E402
+from common.checkpoints import (
     CheckpointError,
     atomic_write_text,
     read_checkpoint_metadata,
 )
-from common.flags import ArgumentParser, Range, arg_type  # noqa: E402
+from common.flags import ArgumentParser, Range, arg_type
 
 GAMMA = 0.99  # both papers' discount
 
@@ -104,7 +101,8 @@ def rollout(env, act, seed: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m benchmarks.q_calibration", description=__doc__)
+    prog = "python -m studies.q_calibration.q_calibration"
+    parser = ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument(
         "checkpoint", type=pathlib.Path, help="an exported ensemble.npz or a run dir"
     )
@@ -145,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     import gymnasium as gym  # loaded late: --help and bad input stay fast
     import jax
     import jax.numpy as jnp
-    import off2on_balanced as o2o
 
+    from algorithms import off2on_balanced as o2o
     from common.d4rl import GYM_ENV_IDS, normalized_score
     from common.datasets import load_d4rl
 

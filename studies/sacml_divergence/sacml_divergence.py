@@ -1,10 +1,13 @@
 """Why SAC+ML (ACA's offline phase) diverges on halfcheetah-medium: branch a pretraining run.
 
-    python -m benchmarks.sacml_divergence --checkpoint RUN/checkpoint.npz --variant fixed-alpha \
-        --steps 100000 --out runs/sacml_divergence/fixed-alpha
-    python -m benchmarks.sacml_divergence --report runs/sacml_divergence --main-run RUN
-    python -m benchmarks.sacml_divergence --soft-reward RUN/checkpoint.npz BRANCH/checkpoint.npz
-    python -m benchmarks.sacml_divergence --behaviour-entropy halfcheetah-medium-v2 hopper-medium-v2
+    python -m studies.sacml_divergence.sacml_divergence --checkpoint RUN/checkpoint.npz \
+        --variant fixed-alpha --steps 100000 --out runs/sacml_divergence/fixed-alpha
+    python -m studies.sacml_divergence.sacml_divergence --report runs/sacml_divergence \
+        --main-run RUN
+    python -m studies.sacml_divergence.sacml_divergence --soft-reward RUN/checkpoint.npz \
+        BRANCH/checkpoint.npz
+    python -m studies.sacml_divergence.sacml_divergence --behaviour-entropy \
+        halfcheetah-medium-v2 hopper-medium-v2
 
 A branch continues the offline phase of an `aca.py` run from its (mid-pretraining) resume
 checkpoint, with its config.json's flags, changing one thing:
@@ -28,25 +31,21 @@ r + alpha H on the dataset's states against the states its own rollouts visit;
 import dataclasses
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "algorithms"))
-from common import lifecycle  # noqa: E402
-from common.checkpoints import (  # noqa: E402
+from common import lifecycle
+from common.checkpoints import (
     atomic_write_text,
     load_checkpoint,
     read_checkpoint_metadata,
     save_checkpoint,
 )
-from common.flags import ArgumentParser, UsageError  # noqa: E402
-from common.logger import read_metrics  # noqa: E402
+from common.flags import ArgumentParser, UsageError
+from common.logger import read_metrics
 
 VARIANTS = ("control", "fixed-alpha", "ml-weight", "hard-critic")
 PROBE_STATES = 20_000
@@ -54,7 +53,7 @@ PROBE_STATES = 20_000
 
 def run_args(checkpoint: pathlib.Path):
     """The aca.Args of the run that wrote `checkpoint` (its config.json beside it)."""
-    import aca
+    from algorithms import aca
 
     config_path = checkpoint.parent / "config.json"
     if not config_path.exists():
@@ -67,7 +66,7 @@ def run_args(checkpoint: pathlib.Path):
 
 def probe(actor, critic, params, obs, actions, key):
     """The critic at the data's, the policy's and uniform actions, at fixed dataset states."""
-    import aca
+    from algorithms import aca
 
     mean, log_std = actor.apply(params["actor"], obs)
     sampled = jnp.tanh(aca.sample_pre_tanh(mean, log_std, key))
@@ -89,8 +88,7 @@ def probe(actor, critic, params, obs, actions, key):
 def offline_template(run, obs_dim: int, action_dim: int, frozen_alpha: bool = False):
     """(actor, critic, baseline, offline state to load a checkpoint into) of an aca.py run;
     frozen_alpha: with the temperature frozen as a fixed-alpha branch saves it."""
-    import aca
-
+    from algorithms import aca
     from common.networks import Critic, TanhGaussianPolicy, ValueNet
 
     actor = TanhGaussianPolicy(action_dim, run.hidden_dims)
@@ -141,9 +139,9 @@ def soft_reward(checkpoints: list[str], episodes: int = 3) -> None:
 
 
 def soft_reward_rows(path: pathlib.Path, episodes: int) -> list[str]:
-    import aca
     import gymnasium as gym
 
+    from algorithms import aca
     from common.d4rl import GYM_ENV_IDS, parse_name
     from common.datasets import load_d4rl
 
@@ -232,8 +230,7 @@ def behaviour_entropy(datasets: list[str]) -> None:
 
 
 def branch(args) -> None:
-    import aca
-
+    from algorithms import aca
     from common.datasets import TRANSITION_KEYS, load_d4rl
     from common.evaluation import evaluate
 

@@ -19,7 +19,7 @@ the unfinished last episode is left out), for the run's critics now and for the 
 started from (the `--offline-checkpoint` ensemble or the run's own `offline.npz`): whether
 fine-tuning made the critics over- or under-estimate the states and actions it actually visits.
 
-    python -m benchmarks.replay_probe RUN_DIR [--out DIR]
+    python -m studies.replay_probe.replay_probe RUN_DIR [--out DIR]
 
 RUN_DIR is an off2on_balanced.py run with a `checkpoint.npz` from its online phase. Prints
 Markdown tables; `--out DIR` also writes `replay_probe.{md,json}` there.
@@ -32,12 +32,9 @@ import sys
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "algorithms"))
-from benchmarks.export_pretrained import params_under  # noqa: E402
-from benchmarks.q_calibration import discounted_returns_to_go, episode_bounds  # noqa: E402
-from common.checkpoints import atomic_write_text  # noqa: E402
+from benchmarks.export_pretrained import params_under
+from common.checkpoints import atomic_write_text
+from studies.q_calibration.q_calibration import discounted_returns_to_go, episode_bounds
 
 GAMMA = 0.99
 
@@ -138,7 +135,8 @@ def start_critics(run_dir: pathlib.Path, args: dict):
 
 def probe(run_dir: pathlib.Path) -> dict:
     import jax
-    from off2on_balanced import Critic, DensityRatio, twin_q
+
+    from algorithms.off2on_balanced import Critic, DensityRatio, twin_q
 
     ckpt, config = run_dir / "checkpoint.npz", run_dir / "config.json"
     if not ckpt.is_file() or not config.is_file():
@@ -261,7 +259,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.replay_probe", description=__doc__.splitlines()[0]
+        prog="python -m studies.replay_probe.replay_probe", description=__doc__.splitlines()[0]
     )
     parser.add_argument("run_dir", type=pathlib.Path)
     parser.add_argument("--out", type=pathlib.Path, help="write replay_probe.{md,json} here")

@@ -1,0 +1,1 @@
+"""The q_calibration study (README.md beside this file)."""

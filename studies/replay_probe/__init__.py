@@ -1,0 +1,1 @@
+"""The replay_probe study (README.md beside this file)."""

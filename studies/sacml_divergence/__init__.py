@@ -1,0 +1,1 @@
+"""The sacml_divergence study (README.md beside this file)."""
