@@ -33,8 +33,14 @@ D4RL_TYPICAL_MEDIUM_RETURN = {"hopper": 1400.0, "halfcheetah": 4700.0, "walker2d
 
 
 def dataset_table(root=None) -> tuple[str, list[dict]]:
-    """Markdown table (and rows) of every generated dataset under the Minari root."""
+    """Markdown table (and rows) of every generated dataset under the Minari root: the reference
+    scores another project can compare with on the same recipe, with the recipe's seed and the
+    sha256 of the transitions (`common.datasets.transitions_checksum`, as the pretrained agents'
+    manifests record it)."""
     from minari.dataset.minari_storage import MinariStorage
+
+    from common.datasets import TRANSITION_KEYS, transitions_checksum
+    from common.minari_io import read_episodes
 
     root = minari_root() if root is None else pathlib.Path(root)
     rows = []
@@ -44,6 +50,7 @@ def dataset_table(root=None) -> tuple[str, list[dict]]:
             if not (path / "data").exists():
                 continue
             meta = MinariStorage.read_raw_metadata(path / "data")
+            arrays, _ = read_episodes(path)
             typical = D4RL_TYPICAL_MEDIUM_RETURN.get(env) if split == "medium" else None
             rows.append(
                 {
@@ -59,12 +66,17 @@ def dataset_table(root=None) -> tuple[str, list[dict]]:
                     "d4rl_typical_normalized": None
                     if typical is None
                     else round(float(normalized_score(env, typical)), 1),
+                    "minari_id": minari_id(GENERATED_NAMESPACE, env, split),
+                    "generation_seed": meta.get("generation_seed"),
+                    "transitions_sha256": transitions_checksum(
+                        {k: arrays[k] for k in TRANSITION_KEYS}
+                    ),
                 }
             )
     lines = [
-        "| dataset | transitions | episodes | behaviour return (± std) | normalized "
-        "| D4RL typical return (normalized) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| dataset | Minari id | transitions | episodes | behaviour return (± std) | normalized "
+        "| D4RL typical return (normalized) | recipe seed | sha256 of the transitions |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         d4rl = (
@@ -73,9 +85,10 @@ def dataset_table(root=None) -> tuple[str, list[dict]]:
             else (f"~{r['d4rl_typical_return']:.0f} ({r['d4rl_typical_normalized']:.1f})")
         )
         lines.append(
-            f"| {r['name']} | {r['transitions']:,} | {r['episodes']:,} | "
+            f"| {r['name']} | `{r['minari_id']}` | {r['transitions']:,} | {r['episodes']:,} | "
             f"{r['behaviour_return']:.1f} ± {r['behaviour_return_std']:.1f} | "
-            f"{r['normalized']:.1f} | {d4rl} |"
+            f"{r['normalized']:.1f} | {d4rl} | {r['generation_seed']} | "
+            f"`{r['transitions_sha256']}` |"
         )
     return "\n".join(lines) + "\n", rows
 

@@ -1,5 +1,6 @@
 """The D4RL-recipe generator, on tiny sizes, with stand-in behaviour policies."""
 
+import hashlib
 import json
 import os
 import pathlib
@@ -183,3 +184,39 @@ def test_verify_fails_on_a_damaged_dataset(generated, tmp_path):
         proc = run_verify(copy, "o2o/hopper/medium-v0")
         assert proc.returncode == 1, damage
         assert expect in proc.stderr and "is damaged" in proc.stderr, (damage, proc.stderr)
+
+
+def test_reference_table_names_each_datasets_seed_and_checksum(generated, monkeypatch):
+    """The reference table's checksum of each split is that of the transitions a run loads (the
+    sum the pretrained manifests record), its seed the recipe's, its counts the dataset's."""
+    root, summaries = generated
+    text, rows = make_datasets.dataset_table(root)
+    by_name = {r["name"]: r for r in rows}
+    assert sorted(by_name) == sorted(f"hopper-{s}-v2" for s in summaries)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    for split in ("random", "medium-expert"):
+        row = by_name[f"hopper-{split}-v2"]
+        data = datasets.load_d4rl(f"hopper-{split}-v2", allow_download=False, verbose=False)
+        # the checksum's definition, recomputed: float32 bytes of each transition array in turn
+        expect = hashlib.sha256()
+        keys = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+        for key in keys:
+            expect.update(np.asarray(data.transitions[key], np.float32).tobytes())
+        assert row["transitions_sha256"] == expect.hexdigest()
+        assert row["generation_seed"] == 0 and row["transitions"] == data.info.num_transitions
+        assert f"`{expect.hexdigest()}`" in text.splitlines()[2 + list(by_name).index(row["name"])]
+
+
+def test_committed_reference_table_matches_the_pretrained_agents_data():
+    """benchmarks/results/datasets.json and every committed agent's manifest name the same
+    transitions for the same dataset: an agent's score is comparable with the table's."""
+    table = {
+        r["name"]: r for r in json.loads((REPO / "benchmarks/results/datasets.json").read_text())
+    }
+    manifests = sorted((REPO / "pretrained").glob("*/*/manifest.json"))
+    assert manifests
+    for path in manifests:
+        manifest = json.loads(path.read_text())
+        row = table[manifest["dataset"]]
+        assert row["minari_id"] == manifest["dataset_minari_id"], path
+        assert row["transitions_sha256"] == manifest["dataset_transitions_sha256"], path
