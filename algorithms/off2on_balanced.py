@@ -24,8 +24,8 @@ Deviations and choices (details: docs/off2on_balanced.md):
 - Hidden layers use Flax's default initialisation (rlkit: fan-in uniform).
 - Q AUROC (Fig. 4b) is logged every epoch on a uniform sample of 5000 online (s, a) pairs.
 - One optimizer state over the stacked members (Adam is elementwise: one Adam per member).
-- Not the paper's method, diagnostics of our studies: `--new-online-priority one`,
-  `--dr-output softplus`, `--cql-lagrange` (see the documentation).
+- `--cql-lagrange` is not the paper's method (a diagnostic, see the documentation); the
+  studies of the density ratio's output and of the new samples' priority: studies/off2on_dr_output/.
 
 Usage:
     python algorithms/off2on_balanced.py --env hopper-medium-v2
@@ -129,14 +129,6 @@ class Args(lifecycle.RunFlags):
     """f: the online share of a batch right after the first epoch's samples enter"""
     dr_lr: flags.LearningRate = 3e-4
     """learning rate of the density-ratio network"""
-    new_online_priority: Literal["max", "one"] = "max"
-    """priority of each epoch's new online samples after the first epoch: max (the authors':
-    the largest seen, i.e. the initial-fraction priority, which never falls) or one (the
-    offline mean: a diagnostic, not the paper's method)"""
-    dr_output: Literal["relu", "softplus"] = "relu"
-    """w's output layer: relu (the authors'; w = 0 has zero gradient, so a transition that
-    reaches it stays there, and out of the RL batches) or softplus (w > 0 everywhere: a
-    diagnostic, not the paper's method)"""
     dr_batch_size: flags.Count = 256
     """offline and online batch size of each density-ratio step"""
     online_cql: bool = False
@@ -166,22 +158,16 @@ def uniform_init(scale: float):
 class DensityRatio(nn.Module):
     """w(s, a) >= 0: MLP with a ReLU output; the last layer's bias starts at 1 and its weights in
     U(-3e-3, 3e-3) (authors' code), so w(s, a) ~ 1 everywhere at the start (with Flax's default
-    last-layer init, 1-23% of raw-observation inputs start at w = 0: zero gradient there).
-    `output="softplus"` (--dr-output, a diagnostic) gives w > 0 everywhere, its bias starting
-    at log(e - 1) so that w ~ 1 at the start as well."""
+    last-layer init, 1-23% of raw-observation inputs start at w = 0: zero gradient there; the
+    study studies/off2on_dr_output/ replaces the ReLU by a softplus)."""
 
     hidden_dims: tuple[int, ...] = (256, 256)
-    output: str = "relu"
 
     @nn.compact
     def __call__(self, obs, action):
         x = jnp.concatenate([obs, action], -1)
         for width in self.hidden_dims:
             x = nn.relu(nn.Dense(width)(x))
-        if self.output == "softplus":
-            bias = nn.initializers.constant(np.log(np.e - 1.0))  # softplus(bias) = 1
-            last = nn.Dense(1, kernel_init=uniform_init(3e-3), bias_init=bias)
-            return nn.softplus(last(x)).squeeze(-1)
         last = nn.Dense(1, kernel_init=uniform_init(3e-3), bias_init=nn.initializers.ones)
         return nn.relu(last(x)).squeeze(-1)
 
@@ -598,6 +584,13 @@ def create_online_state(args, members: CQLMember, offline: dict, density_ratio, 
 UPDATES_PER_CALL = 100
 
 
+def new_online_priorities(state: OnlineState, num_new: int):
+    """Priorities of an epoch's new online samples: None, i.e. the buffer's running maximum (the
+    authors' code: the initial-fraction priority M f / ((1 - f) 1000), which never falls; the
+    study studies/off2on_dr_output/ tries 1 instead)."""
+    return None
+
+
 def make_online_update(args, actor, critic, density_ratio, action_dim, num_offline):
     target_entropy = -float(action_dim)
 
@@ -718,15 +711,10 @@ def make_online_update(args, actor, critic, density_ratio, action_dim, num_offli
         return state, metrics
 
     def insert(state: OnlineState, transitions: dict):
-        """Add one epoch of online transitions (at the default priority; with
-        --new-online-priority one, after the first epoch, at 1). Returns the state and the key
-        of the epoch's updates."""
+        """Add one epoch of online transitions at `new_online_priorities`. Returns the state and
+        the key of the epoch's updates."""
         key, loop_key = jax.random.split(state.key)
-        priorities = None
-        if args.new_online_priority == "one":
-            n = transitions["actions"].shape[0]
-            first_epoch = state.env_steps == 0
-            priorities = jnp.full(n, jnp.where(first_epoch, state.buffer.max_priority, 1.0))
+        priorities = new_online_priorities(state, transitions["actions"].shape[0])
         buffer = state.buffer.add_batch(transitions, priorities)
         return state.replace(buffer=buffer, key=key), loop_key
 
@@ -806,7 +794,7 @@ def main(args: Args) -> dict:
 
     actor = TanhGaussianPolicy(action_dim, args.hidden_dims)
     critic = Critic(args.hidden_dims)
-    density_ratio = DensityRatio(args.hidden_dims, args.dr_output)
+    density_ratio = DensityRatio(args.hidden_dims)
     key = jax.random.PRNGKey(args.seed)
     key, members_key, online_key, dr_key = jax.random.split(key, 4)
     members = create_cql_members(args, actor, critic, obs_dim, action_dim, members_key)

@@ -674,7 +674,7 @@ def report(
     lines = [
         f"# {suite.title} — budget `{budget.name}`",
         "",
-        f"Budget: {budget.description}. Algorithm file: `algorithms/{suite.script}`; seeds "
+        f"Budget: {budget.description}. Algorithm file: `{suite.script_path}`; seeds "
         f"{', '.join(map(str, seeds))}; {len(runs)} finished fine-tuning runs.",
         "",
         *[x for line in provenance(suite, budget, runs, datasets, seeds) for x in (line, "")],

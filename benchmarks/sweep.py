@@ -86,6 +86,17 @@ class Suite:
     pretraining_from: str | None = None
     claims: tuple[Claim, ...] = ()  # the papers' claims the report checks per dataset and seed
 
+    @property
+    def script_path(self) -> str:
+        """The file the jobs run, from the repository root: `algorithms/<script>` for a method,
+        or the path itself for a study's script (`studies/<study>/<file>.py`)."""
+        return self.script if "/" in self.script else f"algorithms/{self.script}"
+
+    @property
+    def module(self) -> str:
+        """The script as an importable module, e.g. algorithms.off2on_balanced."""
+        return self.script_path.removesuffix(".py").replace("/", ".")
+
     def budget(self, name: str) -> Budget:
         if name not in self.budgets:
             raise SweepError(f"suite {self.name!r} has no budget {name!r}; known: {BUDGETS}")
@@ -186,7 +197,7 @@ class Job:
     def command(self, python: str) -> list[str]:
         resume = ["--resume"] if status(self) == "interrupted" else []
         return [
-            python, f"algorithms/{load_suite(self.suite).script}", *self.argv,
+            python, load_suite(self.suite).script_path, *self.argv,
             "--run-dir", str(self.run_dir), *resume,
         ]  # fmt: skip
 

@@ -94,8 +94,7 @@ def test_every_suite_job_parses_with_its_script_flags(tmp_path):
         for budget in ("smoke", "cpu", "paper"):
             for job in sweep.expand(suite, suite.budget(budget), tmp_path):
                 # the job's own suite: bred_fig3 lists off2on_fig3's pretraining jobs
-                script = sweep.load_suite(job.suite).script
-                module = importlib.import_module(f"algorithms.{script.removesuffix('.py')}")
+                module = importlib.import_module(sweep.load_suite(job.suite).module)
                 argv = list(job.argv)
                 if "--offline-checkpoint" in argv:  # the path is checked when the run starts
                     at = argv.index("--offline-checkpoint")

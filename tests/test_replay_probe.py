@@ -11,7 +11,7 @@ import pytest
 
 from studies.replay_probe import replay_probe
 from tests.conftest import REPO
-from tests.test_off2on_balanced import run
+from tests.test_off2on_balanced import TINY, run
 
 
 def test_auroc_equals_the_pairwise_definition_with_ties():
@@ -134,11 +134,18 @@ def test_probe_reads_balanced_and_uniform_runs(tiny_root, tmp_path, tiny_run):
 
 
 def test_probe_evaluates_a_softplus_run_with_its_own_output_layer(tiny_root, tmp_path):
-    """A --dr-output softplus run is probed with the softplus net: the offline mean of w equals
-    a NumPy forward pass of the checkpoint's density-ratio params (ReLU layers, softplus
-    output), and no transition sits at w = 0."""
+    """A softplus run of studies/off2on_dr_output is probed with the softplus net: the offline
+    mean of w equals a NumPy forward pass of the checkpoint's density-ratio params (ReLU layers,
+    softplus output), and no transition sits at w = 0."""
     run_dir = tmp_path / "softplus"
-    run(run_dir, tiny_root, "--online-steps", "200", "--dr-output", "softplus")
+    study = "studies/off2on_dr_output/dr_output.py"  # off2on_balanced.py with --dr-output
+    proc = subprocess.run(
+        [sys.executable, study, *TINY, "--online-steps", "200", "--dr-output", "softplus",
+         "--run-dir", str(run_dir)],
+        cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "MINARI_DATASETS_PATH": str(tiny_root)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
     result = replay_probe.probe(run_dir)
     with np.load(run_dir / "checkpoint.npz") as z:
         obs = z[replay_probe.DATA_KEY.format("observations")][:2000]

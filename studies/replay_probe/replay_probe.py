@@ -136,7 +136,8 @@ def start_critics(run_dir: pathlib.Path, args: dict):
 def probe(run_dir: pathlib.Path) -> dict:
     import jax
 
-    from algorithms.off2on_balanced import Critic, DensityRatio, twin_q
+    from algorithms.off2on_balanced import Critic, twin_q
+    from studies.off2on_dr_output.dr_output import DensityRatio  # relu: the method's
 
     ckpt, config = run_dir / "checkpoint.npz", run_dir / "config.json"
     if not ckpt.is_file() or not config.is_file():
@@ -171,7 +172,7 @@ def probe(run_dir: pathlib.Path) -> dict:
         )  # fmt: skip
 
     if args["replay"] == "balanced":  # the other schemes never train the density-ratio net
-        # the run's own output layer (--dr-output; runs from before the flag used the ReLU)
+        # the run's own output layer (studies/off2on_dr_output --dr-output; else the ReLU)
         net = DensityRatio(hidden_dims=hidden, output=args.get("dr_output", "relu"))
         w = batched(lambda o, a: net.apply(dr_params, o, a))(0, size)
         priorities = tree[tree.shape[0] // 2 :][:size]  # the sum-tree's leaves
