@@ -138,7 +138,6 @@ class Job:
     cost: float  # estimated wall-clock seconds, for the ETA
     log: pathlib.Path
     progress: object  # () -> fraction done in [0, 1]
-    run_dir: pathlib.Path | None = None
     process: subprocess.Popen | None = None
     core: int | None = None
 
@@ -205,6 +204,11 @@ def committed_runs(panel: Panel, arm: Arm) -> list[pathlib.Path]:
     base = LOGS / panel.suite / panel.budget / panel.dataset
     found = sorted(base.glob(f"seed*/{arm.variant}"))
     return [p for p in found if (p / "summary.json").is_file() or report.truncated_at(p)]
+
+
+def live_run_dir(root: pathlib.Path, panel: Panel, arm: Arm) -> pathlib.Path:
+    """Where a live arm's run writes, e.g. <root>/td3_c_td3c."""
+    return root / f"{panel.script.removesuffix('.py')}_{arm.variant}"
 
 
 def demo_window(run: dict) -> dict:
@@ -328,21 +332,20 @@ def main(argv: list[str] | None = None) -> int:
             log = root / f"generate_{dataset}.log"
             cmd = [sys.executable, "benchmarks/make_datasets.py", "--env", env_name,
                    "--splits", split.removesuffix("-v2")]  # fmt: skip
-            setup.append(Job(f"generate {dataset}", cmd, GENERATE_SECONDS, log, None))
-            setup[-1].progress = lambda log=log: tqdm_fraction(log.read_text(errors="replace"))
+            progress = lambda log=log: tqdm_fraction(log.read_text(errors="replace"))
+            setup.append(Job(f"generate {dataset}", cmd, GENERATE_SECONDS, log, progress))
     for panel in live:
         for arm in panel.arms:
-            run_dir = root / f"{panel.script.removesuffix('.py')}_{arm.variant}"
+            run_dir = live_run_dir(root, panel, arm)
             cmd = [sys.executable, f"algorithms/{panel.script}", "--env", panel.dataset,
                    "--offline-checkpoint", panel.agent, "--online-steps", str(args.online_steps),
                    "--eval-every", str(args.eval_every), "--eval-episodes", str(args.eval_episodes),
                    "--seed", str(args.seed), "--run-dir", str(run_dir), *arm.flags]  # fmt: skip
             cmd += ["--log-every", str(math.gcd(args.eval_every, 1000))]
             cost = START_SECONDS + SECONDS_PER_1000_STEPS[panel.script] * args.online_steps / 1000
-            job = Job(f"{panel.method}: {arm.label}", cmd, cost, root / f"{run_dir.name}.log",
-                      None, run_dir)  # fmt: skip
-            job.progress = lambda d=run_dir: run_fraction(d, args.online_steps)
-            jobs.append(job)
+            progress = lambda d=run_dir: run_fraction(d, args.online_steps)
+            log = root / f"{run_dir.name}.log"
+            jobs.append(Job(f"{panel.method}: {arm.label}", cmd, cost, log, progress))
     # The bar counts wall-clock seconds: runs side by side share it
     for job in jobs:
         job.cost /= min(args.workers, len(jobs))
@@ -370,8 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = {}
         for arm in panel.arms:
             if is_live:
-                run_dir = root / f"{panel.script.removesuffix('.py')}_{arm.variant}"
-                runs[arm.label] = [report.read_run_dir(run_dir)]
+                runs[arm.label] = [report.read_run_dir(live_run_dir(root, panel, arm))]
             else:
                 runs[arm.label] = [report.read_run_dir(p) for p in committed_runs(panel, arm)]
         said, shown = shows(panel, runs, is_live)

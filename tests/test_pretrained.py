@@ -133,21 +133,11 @@ def test_committed_ensembles_match_their_manifests_and_load(manifest_path):
         o2o.load_offline_ensemble(ensemble, members, other, obs_dim, action_dim)
 
 
-@pytest.mark.parametrize("manifest_path", ENSEMBLES, ids=lambda p: p.parent.name)
-@pytest.mark.parametrize("algorithm", ["off2on_balanced", "bred"])
-def test_committed_ensembles_load_by_name_and_refuse_another_dataset(
-    manifest_path, algorithm, tmp_path
-):
-    """`--offline-checkpoint <dataset>/<name>` is the folder's ensemble.npz for the manifest's
-    dataset, and one line naming that dataset's agents for another --env, with nothing written."""
+def assert_refused_on_another_dataset(algorithm, name, dataset, other, tmp_path):
+    """`algorithms/<algorithm>.py --env <other> --offline-checkpoint <name>` ends in one line
+    naming the agent's dataset and the agents of `other`, before anything is written."""
     from common import lifecycle
-    from common.checkpoints import resolve_pretrained
 
-    folder = manifest_path.parent
-    dataset = json.loads(manifest_path.read_text())["dataset"]
-    name = f"{folder.parent.name}/{folder.name}"
-    assert pathlib.Path(resolve_pretrained(name, dataset)) == folder / "ensemble.npz"
-    other = "walker2d-medium-v2" if dataset != "walker2d-medium-v2" else "hopper-medium-v2"
     module = importlib.import_module(f"algorithms.{algorithm}")
     cwd = pathlib.Path.cwd()
     try:
@@ -160,6 +150,23 @@ def test_committed_ensembles_load_by_name_and_refuse_another_dataset(
     assert message.startswith(f"error: --offline-checkpoint {name} was pretrained on {dataset}, "
                               f"not {other}: pass the agents of {other}: "), message  # fmt: skip
     assert "\n" not in message and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("manifest_path", ENSEMBLES, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("algorithm", ["off2on_balanced", "bred"])
+def test_committed_ensembles_load_by_name_and_refuse_another_dataset(
+    manifest_path, algorithm, tmp_path
+):
+    """`--offline-checkpoint <dataset>/<name>` is the folder's ensemble.npz for the manifest's
+    dataset, and one line naming that dataset's agents for another --env, with nothing written."""
+    from common.checkpoints import resolve_pretrained
+
+    folder = manifest_path.parent
+    dataset = json.loads(manifest_path.read_text())["dataset"]
+    name = f"{folder.parent.name}/{folder.name}"
+    assert pathlib.Path(resolve_pretrained(name, dataset)) == folder / "ensemble.npz"
+    other = "walker2d-medium-v2" if dataset != "walker2d-medium-v2" else "hopper-medium-v2"
+    assert_refused_on_another_dataset(algorithm, name, dataset, other, tmp_path)
 
 
 # --- TD3-BC and SAC+ML agents (the runs' own offline.npz), loaded by name ----------------------
@@ -190,7 +197,6 @@ def whole_run_target(algorithm: str, hidden, obs_dim: int, action_dim: int):
 
 @pytest.mark.parametrize("folder", WHOLE_RUN_AGENTS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_committed_agents_load_by_name_and_refuse_another_dataset(folder, tmp_path):
-    from common import lifecycle
     from common.checkpoints import load_offline_agent, resolve_pretrained
 
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -209,15 +215,4 @@ def test_committed_agents_load_by_name_and_refuse_another_dataset(folder, tmp_pa
     assert any(not np.array_equal(a, b) for a, b in zip(fresh, mine, strict=True))
     # by name on another dataset: one line, before any dataset is read or anything written
     other = "hopper-medium-v2" if dataset != "hopper-medium-v2" else "walker2d-medium-v2"
-    module = importlib.import_module(f"algorithms.{algorithm}")
-    cwd = pathlib.Path.cwd()
-    try:
-        os.chdir(tmp_path)
-        with pytest.raises(SystemExit) as exit_info:
-            lifecycle.cli(module.main, module.Args, ["--env", other, "--offline-checkpoint", name])
-    finally:
-        os.chdir(cwd)
-    message = exit_info.value.code
-    assert message.startswith(f"error: --offline-checkpoint {name} was pretrained on {dataset}, "
-                              f"not {other}: pass the agents of {other}: "), message  # fmt: skip
-    assert "\n" not in message and not list(tmp_path.iterdir())
+    assert_refused_on_another_dataset(algorithm, name, dataset, other, tmp_path)

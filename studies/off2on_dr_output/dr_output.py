@@ -16,7 +16,6 @@ README.md beside this file; the suite `off2on_dr_output` runs it.
 """
 
 import dataclasses
-import functools
 from typing import Literal
 
 import flax.linen as nn
@@ -27,24 +26,26 @@ from algorithms import off2on_balanced as o2o
 from common import lifecycle
 
 
-class DensityRatio(nn.Module):
-    """w(s, a): the algorithm's density-ratio net (same layers, names and initialisation) with
-    its output ReLU (`output="relu"`, identical to `o2o.DensityRatio`) or a softplus."""
+class SoftplusDensityRatio(nn.Module):
+    """w(s, a) = softplus(z): the algorithm's density-ratio net (`o2o.DensityRatio`: same layers,
+    names and initialisation, so the replay probe reads either) with a softplus for its output
+    ReLU, the last bias at log(e - 1) so that w ~ 1 at the start."""
 
     hidden_dims: tuple[int, ...] = (256, 256)
-    output: str = "relu"
 
     @nn.compact
     def __call__(self, obs, action):
         x = jnp.concatenate([obs, action], -1)
         for width in self.hidden_dims:
             x = nn.relu(nn.Dense(width)(x))
-        if self.output == "softplus":
-            bias = nn.initializers.constant(np.log(np.e - 1.0))  # softplus(bias) = 1
-            last = nn.Dense(1, kernel_init=o2o.uniform_init(3e-3), bias_init=bias)
-            return nn.softplus(last(x)).squeeze(-1)
-        last = nn.Dense(1, kernel_init=o2o.uniform_init(3e-3), bias_init=nn.initializers.ones)
-        return nn.relu(last(x)).squeeze(-1)
+        bias = nn.initializers.constant(np.log(np.e - 1.0))  # softplus(bias) = 1
+        last = nn.Dense(1, kernel_init=o2o.uniform_init(3e-3), bias_init=bias)
+        return nn.softplus(last(x)).squeeze(-1)
+
+
+def density_ratio_class(output: str):
+    """`--dr-output`'s net: the method's own for relu, the softplus one otherwise."""
+    return o2o.DensityRatio if output == "relu" else SoftplusDensityRatio
 
 
 def priorities_at_one(state: o2o.OnlineState, num_new: int):
@@ -66,7 +67,7 @@ class Args(o2o.Args):
 def main(args: Args) -> dict:
     """`off2on_balanced.main` with this study's density-ratio net and new-sample priority."""
     method = o2o.DensityRatio, o2o.new_online_priorities
-    o2o.DensityRatio = functools.partial(DensityRatio, output=args.dr_output)
+    o2o.DensityRatio = density_ratio_class(args.dr_output)
     if args.new_online_priority == "one":
         o2o.new_online_priorities = priorities_at_one
     try:

@@ -137,7 +137,7 @@ def probe(run_dir: pathlib.Path) -> dict:
     import jax
 
     from algorithms.off2on_balanced import Critic, twin_q
-    from studies.off2on_dr_output.dr_output import DensityRatio  # relu: the method's
+    from studies.off2on_dr_output.dr_output import density_ratio_class
 
     ckpt, config = run_dir / "checkpoint.npz", run_dir / "config.json"
     if not ckpt.is_file() or not config.is_file():
@@ -173,7 +173,7 @@ def probe(run_dir: pathlib.Path) -> dict:
 
     if args["replay"] == "balanced":  # the other schemes never train the density-ratio net
         # the run's own output layer (studies/off2on_dr_output --dr-output; else the ReLU)
-        net = DensityRatio(hidden_dims=hidden, output=args.get("dr_output", "relu"))
+        net = density_ratio_class(args.get("dr_output", "relu"))(hidden_dims=hidden)
         w = batched(lambda o, a: net.apply(dr_params, o, a))(0, size)
         priorities = tree[tree.shape[0] // 2 :][:size]  # the sum-tree's leaves
         result |= summarize(
