@@ -22,6 +22,7 @@ Smoke budgets run on tiny random-action datasets generated under `<root>/tiny_da
 import argparse
 import concurrent.futures
 import ctypes
+import dataclasses
 import json
 import os
 import pathlib
@@ -373,6 +374,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--seeds", nargs="+", type=arg_type(int, Range(0, 2**32 - 1)),
         help="override the budget's seeds",
     )  # fmt: skip
+    parser.add_argument(
+        "--offline-checkpoint", type=pathlib.Path, default=None,
+        help="fine-tune every job from this pretrained agent (an offline.npz or exported "
+        "ensemble) instead of the budget's or the suite's pretraining",
+    )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="list the jobs and their status")
     return parser
 
@@ -388,12 +394,19 @@ def main(argv: list[str] | None = None) -> int:
             f"--root {args.root}: cannot be created or written ({root} is not a writable directory)"
         )
     args.root = args.root.resolve()  # jobs run with cwd = the repository
+    if args.offline_checkpoint is not None:
+        if not args.offline_checkpoint.is_file():
+            parser.error(f"--offline-checkpoint {args.offline_checkpoint}: no such file")
+        args.offline_checkpoint = args.offline_checkpoint.resolve()
     try:
         names = known_suites() if args.suites == ["all"] else args.suites
         suites = [load_suite(name) for name in names]
         jobs, env = [], {}
         for suite in suites:
             budget = suite.budget(args.budget)
+            if args.offline_checkpoint is not None:
+                checkpoint = str(args.offline_checkpoint)
+                budget = dataclasses.replace(budget, offline_checkpoint=checkpoint)
             datasets = None
             if args.datasets:
                 datasets = [d for d in args.datasets if d in suite.datasets]

@@ -23,6 +23,7 @@ SUITES = [
     "aca_table2",
     "bred_fig3",
     "off2on_dr_output",
+    "off2on_fig1b",
     "off2on_fig3",
     "td3c_dual",
     "td3c_table1",
@@ -68,16 +69,20 @@ def test_every_suite_loads_with_three_budgets_and_expands_to_shared_pretraining(
     for name in SUITES:
         suite = sweep.load_suite(name)
         assert set(suite.budgets) == {"smoke", "cpu", "paper"}
-        jobs = sweep.expand(suite, suite.budget("paper"), REPO / "runs" / "x")
-        n = len(suite.datasets) * len(suite.budget("paper").seeds)
-        assert len(jobs) == n * (1 + len(suite.variants))
+        budget = suite.budget("paper")
+        jobs = sweep.expand(suite, budget, REPO / "runs" / "x")
+        n = len(suite.datasets) * len(budget.seeds)
+        # one pretraining per (dataset, seed), or per dataset with a pretraining_seed
+        shared = len(suite.datasets) if budget.pretraining_seed is not None else n
+        assert len(jobs) == n * len(suite.variants) + shared
         pretrain = {j.uid: j for j in jobs if j.variant == "pretrain"}
         for job in jobs:
             if job.variant == "pretrain":
                 assert job.argv[-2:] == ("--online-steps", "0")
                 continue
             parent = pretrain[job.after]
-            assert (parent.dataset, parent.seed) == (job.dataset, job.seed)
+            parent_seed = job.seed if budget.pretraining_seed is None else budget.pretraining_seed
+            assert (parent.dataset, parent.seed) == (job.dataset, parent_seed)
             assert job.argv[-1] == str(parent.run_dir / "offline.npz")
 
 
