@@ -7,14 +7,14 @@ Equations: Eq. (1) critic target with target policy smoothing; Eq. (3) TD3-BC ac
 (lambda = alpha / mean|Q1|, alpha = 2.5); Eq. (4)-(5) the constrained actor step
 max Q1(s, pi(s)) s.t. E[(pi(s) - pi_targ(s))^2] <= epsilon as a Lagrangian with a learned dual
 (`trust_region_constraint`, `dual_step`, used in `make_update`). `--finetune td3 | td3c | td3bc`:
-the paper's TD3, TD3-C and TD3-BC fine-tuning; `td3_clip` (ours) is TD3 with TD3-C's clipping.
+the paper's TD3, TD3-C and TD3-BC fine-tuning.
 Network: Acme's LayerNormMLP (Linear -> LayerNorm -> tanh, then ELU), 256-256.
 
 Deviations and choices (the reasons and the study behind each: docs/td3_c.md):
 - Eq. (5) as printed rewards deviation; the standard Lagrangian sign is implemented.
-- The dual update is unspecified: default projected SGD on lambda (`--dual-update sgd`,
-  `--dual-lr` 1e3, from 0), the reading the td3c_dual study chose; `adam` and `mpo` are flags.
-- The constraint averages (pi - pi_targ)^2 over action dimensions (`--constraint-reduce mean`).
+- The dual update is unspecified: projected SGD on lambda (`--dual-lr` 1e3, from 0), the
+  reading studies/td3c_dual chose over Adam and MPO's softplus dual.
+- The constraint averages (pi - pi_targ)^2 over action dimensions (studies/td3c_dual).
 - Targets as in Acme's TD3: target critics step every update, the target actor on actor steps.
 - dQ/da clipped elementwise to [-1, 1] for td3c (rlax's dpg loss; the paper's "clipping: yes").
 - The actor gradient uses critic 1 only (Acme's TD3).
@@ -92,8 +92,8 @@ class Args(lifecycle.RunFlags):
     log_every: flags.Count = 1_000
     """offline steps compiled into one call and logged together; online steps between logs"""
 
-    finetune: Literal["td3c", "td3", "td3_clip", "td3bc"] = "td3c"
-    """the online policy update (td3_clip: TD3 with TD3-C's dQ/da clipping and no constraint)"""
+    finetune: Literal["td3c", "td3", "td3bc"] = "td3c"
+    """the online policy update: TD3-C (Eq. 5), TD3 or TD3-BC (Eq. 3)"""
     online_steps: flags.Steps = 200_000
     """environment steps of fine-tuning, one update each (paper: 200k)"""
     offline_data: Literal["init", "none"] = "init"
@@ -106,16 +106,10 @@ class Args(lifecycle.RunFlags):
     """online samples before updates start when the buffer starts without offline data"""
     epsilon: flags.NonNegative = 1e-5
     """TD3-C trust-region size (Table B2)"""
-    dual_update: Literal["sgd", "adam", "mpo"] = "sgd"
-    """how lambda_c learns: sgd / adam: projected steps on lambda >= 0; mpo: lambda =
-    softplus(eta) + 1e-8 with Adam on eta (Acme's MPO duals); see the header"""
-    dual_lr: flags.LearningRate | None = None
-    """step size of the dual update (not given in the paper); default 1e3 for sgd, 1e-2 for
-    adam and mpo (see the header)"""
+    dual_lr: flags.LearningRate = 1e3
+    """step size of the projected SGD on lambda_c (not given in the paper; see `make_dual`)"""
     init_dual: flags.NonNegative = 0.0
     """initial value of the dual variable lambda_c"""
-    constraint_reduce: Literal["sum", "mean"] = "mean"
-    """Eq. (4)'s (pi(s) - pi_targ(s))^2: summed or averaged over the action dimensions"""
     dqda_clip: flags.NonNegative = 1.0
     """TD3-C: clip dQ/da elementwise to [-c, c] (Table B2 "clipping"); 0 disables"""
     eval_every: flags.Count = 5_000
@@ -149,7 +143,7 @@ class TD3State:
     actor_target: dict
     critic: TrainState  # twin critics: leading axis 2
     critic_target: dict
-    dual: TrainState  # lambda_c >= 0 of Eq. (5), or its softplus parameter (dual_update mpo)
+    dual: TrainState  # lambda_c >= 0 of Eq. (5)
     buffer: ReplayBuffer
     key: jax.Array
     step: jax.Array  # updates done (offline and online together)
@@ -168,11 +162,7 @@ def create_state(args, actor, critic, obs_dim, action_dim, key, buffer) -> TD3St
             apply_fn=None, params=critic_params, tx=optax.adam(args.critic_lr)
         ),
         critic_target=copy(critic_params),
-        dual=TrainState.create(
-            apply_fn=None,
-            params={"v": jnp.float32(initial_dual_param(args.init_dual, args.dual_update))},
-            tx=dual_optimizer(args.dual_update, args.dual_lr),
-        ),
+        dual=make_dual(args),
         buffer=buffer,
         key=state_key,
         step=jnp.int32(0),
@@ -203,54 +193,42 @@ def clipped_dpg_loss(q_fn, actions, clip):
     return 0.5 * ((target - actions) ** 2).sum(-1).mean()
 
 
-def trust_region_constraint(pi_actions, target_actions, reduce: str = "sum"):
-    """Eq. (4)'s constraint value E_s[(pi(s) - pi_targ(s))^2], the squared distance summed
-    (`reduce="sum"`) or averaged ("mean") over the action dimensions."""
+def trust_region_constraint(pi_actions, target_actions):
+    """Eq. (4)'s constraint value E_s[(pi(s) - pi_targ(s))^2], the squared distance averaged over
+    the action dimensions (a sum would make it |A| times larger; studies/td3c_dual)."""
     sq = (pi_actions - jax.lax.stop_gradient(target_actions)) ** 2
-    return (sq.sum(-1) if reduce == "sum" else sq.mean(-1)).mean()
+    return sq.mean(-1).mean()
 
 
-MPO_DUAL_FLOOR = 1e-8  # Acme's MPO keeps each dual at softplus(param) + this constant
-
-# `--dual-lr`'s default per `--dual-update`. Plain SGD moves lambda by lr * (c - epsilon): with
+# `--dual-lr`'s default, 1e3: plain SGD moves lambda by lr * (c - epsilon): with
 # the mean over action dimensions, the clipped dQ/da (at most 1 per dimension) balances the
 # penalty's gradient 2 lambda |pi - pi_targ| / |A| at c = epsilon when lambda ~ |A| / (2
 # sqrt(epsilon)) ~ 500 (hopper), which 1e3 reaches within a few thousand actor steps (the
-# td3c_dual study: ~400 by 10k steps). Adam's steps are ~lr whatever the violation, so 1e-2.
-DEFAULT_DUAL_LR = {"sgd": 1e3, "adam": 1e-2, "mpo": 1e-2}
+# td3c_dual study: ~400 by 10k steps).
+def make_dual(args: Args) -> TrainState:
+    """lambda_c of Eq. (5), from `--init-dual`, learned by plain SGD at `--dual-lr`."""
+    params = {"v": jnp.float32(args.init_dual)}
+    return TrainState.create(apply_fn=None, params=params, tx=optax.sgd(args.dual_lr))
 
 
-def dual_optimizer(dual_update: str, dual_lr: float | None):
-    """The dual's optimizer: plain SGD for `sgd`, Adam on lambda (adam) or on eta (mpo)."""
-    lr = DEFAULT_DUAL_LR[dual_update] if dual_lr is None else dual_lr
-    return optax.sgd(lr) if dual_update == "sgd" else optax.adam(lr)
-
-
-def dual_value(dual_params, dual_update: str):
-    """lambda_c from the dual's parameter: itself (adam, sgd) or softplus(eta) + 1e-8 (mpo)."""
-    if dual_update == "mpo":
-        return jax.nn.softplus(dual_params["v"]) + MPO_DUAL_FLOOR
+def dual_value(dual_params):
+    """lambda_c from the dual's parameters."""
     return dual_params["v"]
 
 
-def initial_dual_param(init_dual: float, dual_update: str) -> float:
-    """The parameter whose `dual_value` is `init_dual` (mpo: the inverse softplus, floored)."""
-    if dual_update == "mpo":
-        return float(np.log(np.expm1(max(init_dual - MPO_DUAL_FLOOR, MPO_DUAL_FLOOR))))
-    return init_dual
-
-
-def dual_step(dual: TrainState, constraint, epsilon, dual_update: str = "sgd"):
-    """One gradient step on the dual's parameter for L = lambda_c (epsilon - c), which raises
-    lambda_c while the constraint c exceeds epsilon and lowers it while c < epsilon. adam / sgd
-    step on lambda_c itself and project onto lambda_c >= 0 (so it returns to exactly 0 when the
-    constraint is slack); mpo steps on eta with lambda_c = softplus(eta) + 1e-8 (always > 0)."""
+def dual_step(dual: TrainState, constraint, epsilon):
+    """Eq. (5)'s dual step: one gradient step on L = lambda_c (epsilon - c), which raises lambda_c
+    while the constraint c exceeds epsilon and lowers it while c < epsilon, then the projection
+    onto lambda_c >= 0 (so it returns to exactly 0 when the constraint is slack)."""
     slack = epsilon - jax.lax.stop_gradient(constraint)
-    grads = jax.grad(lambda p: dual_value(p, dual_update) * slack)(dual.params)
+    grads = jax.grad(lambda p: dual_value(p) * slack)(dual.params)
     dual = dual.apply_gradients(grads=grads)
-    if dual_update == "mpo":
-        return dual
     return dual.replace(params={"v": jnp.maximum(dual.params["v"], 0.0)})
+
+
+def clips_dqda(mode: str) -> bool:
+    """Whether the actor follows the clipped dQ/da (Table B2's "clipping": TD3-C only)."""
+    return mode == "td3c"
 
 
 # ================================================================================================
@@ -276,11 +254,11 @@ def mean_over_steps(metrics: dict) -> dict:
 
 
 def make_update(args: Args, actor, critic, mode: str):
-    """(state, batch, key) -> (state, metrics); `mode` is "td3bc", "td3", "td3_clip" or "td3c".
+    """(state, batch, key) -> (state, metrics); `mode` is "td3bc", "td3" or "td3c".
     Per step (Acme's TD3): a critic step and a Polyak step of the target critics; every
     `policy_delay`-th step also an actor step (and, for td3c, a dual step) and a Polyak step of
     the target actor."""
-    clip_dqda = mode in ("td3c", "td3_clip") and args.dqda_clip > 0
+    clip_dqda = clips_dqda(mode) and args.dqda_clip > 0
 
     def q1(params, obs, actions):
         return critic.apply(jax.tree_util.tree_map(lambda x: x[0], params), obs, actions)
@@ -310,11 +288,11 @@ def make_update(args: Args, actor, critic, mode: str):
         # Acme updates the target critics every step (the TD3 authors: on actor steps only).
         critic_target = optax.incremental_update(critic_state.params, state.critic_target, args.tau)
         target_actions = actor.apply(state.actor_target, obs)
-        dual = dual_value(state.dual.params, args.dual_update)
+        dual = dual_value(state.dual.params)
 
         def actor_loss_fn(params):
             pi = actor.apply(params, obs)
-            constraint = trust_region_constraint(pi, target_actions, args.constraint_reduce)
+            constraint = trust_region_constraint(pi, target_actions)
             if mode == "td3bc":
                 loss = td3bc_actor_loss(
                     q1(critic_state.params, obs, pi), pi, actions, args.bc_alpha
@@ -334,12 +312,10 @@ def make_update(args: Args, actor, critic, mode: str):
                 state.actor.params
             )
             new_actor = state.actor.apply_gradients(grads=grads)
-            change = trust_region_constraint(
-                actor.apply(new_actor.params, obs), pi, args.constraint_reduce
-            )
+            change = trust_region_constraint(actor.apply(new_actor.params, obs), pi)
             new_dual = state.dual
             if mode == "td3c":
-                new_dual = dual_step(state.dual, constraint, args.epsilon, args.dual_update)
+                new_dual = dual_step(state.dual, constraint, args.epsilon)
             actor_target = optax.incremental_update(new_actor.params, state.actor_target, args.tau)
             return new_actor, new_dual, actor_target, (actor_loss, constraint, change)
 

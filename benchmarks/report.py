@@ -671,10 +671,13 @@ def report(
         )  # fmt: skip
         pngs += plot_diagnostics(runs, suite, out / "curves")
 
+    scripts = f"`{suite.script_path}`" + "".join(
+        f" (variant {name}: `{path}`)" for name, path in suite.variant_scripts().items()
+    )
     lines = [
         f"# {suite.title} — budget `{budget.name}`",
         "",
-        f"Budget: {budget.description}. Algorithm file: `{suite.script_path}`; seeds "
+        f"Budget: {budget.description}. Algorithm file: {scripts}; seeds "
         f"{', '.join(map(str, seeds))}; {len(runs)} finished fine-tuning runs.",
         "",
         *[x for line in provenance(suite, budget, runs, datasets, seeds) for x in (line, "")],

@@ -51,6 +51,9 @@ class Variant:
     name: str
     args: tuple[str, ...]
     paper: str | None  # the method's name in the reference CSV, if the paper reports it
+    # A study's script this variant runs instead of the suite's (e.g. td3c_table1's td3_clip:
+    # studies/td3c_clip/td3_clip.py); None: the suite's script.
+    script: str | None = None
 
 
 # What a claim asserts of one run, checked by the report's "claims" section: collapses / holds
@@ -90,12 +93,23 @@ class Suite:
     def script_path(self) -> str:
         """The file the jobs run, from the repository root: `algorithms/<script>` for a method,
         or the path itself for a study's script (`studies/<study>/<file>.py`)."""
-        return self.script if "/" in self.script else f"algorithms/{self.script}"
+        return resolve_script(self.script)
 
     @property
     def module(self) -> str:
         """The script as an importable module, e.g. algorithms.off2on_balanced."""
-        return self.script_path.removesuffix(".py").replace("/", ".")
+        return module_of(self.script_path)
+
+    def variant_scripts(self) -> dict[str, str]:
+        """{variant: script path} of the variants that run a script other than the suite's."""
+        return {v.name: resolve_script(v.script) for v in self.variants if v.script}
+
+    def script_path_for(self, variant: str) -> str:
+        """The file a job of `variant` (or "pretrain") runs."""
+        return self.variant_scripts().get(variant, self.script_path)
+
+    def module_for(self, variant: str) -> str:
+        return module_of(self.script_path_for(variant))
 
     def budget(self, name: str) -> Budget:
         if name not in self.budgets:
@@ -105,6 +119,15 @@ class Suite:
     def datasets_for(self, budget: Budget) -> list[str]:
         """The datasets a budget runs: its own list, or all of the suite's."""
         return list(budget.datasets or self.datasets)
+
+
+def resolve_script(script: str) -> str:
+    """`algorithms/<script>` for a method's file name, the path itself for a study's script."""
+    return script if "/" in script else f"algorithms/{script}"
+
+
+def module_of(path: str) -> str:
+    return path.removesuffix(".py").replace("/", ".")
 
 
 def suites_dir() -> pathlib.Path:
@@ -140,7 +163,8 @@ def load_suite(name: str) -> Suite:
                 f"{path.name}: budget {key} names datasets outside the suite: {unknown}"
             )
     variants = tuple(
-        Variant(name, tuple(v["args"]), v.get("paper")) for name, v in raw["variants"].items()
+        Variant(name, tuple(v["args"]), v.get("paper"), v.get("script"))
+        for name, v in raw["variants"].items()
     )
     claims = []
     for c in raw.get("claims", ()):
@@ -197,7 +221,7 @@ class Job:
     def command(self, python: str) -> list[str]:
         resume = ["--resume"] if status(self) == "interrupted" else []
         return [
-            python, load_suite(self.suite).script_path, *self.argv,
+            python, load_suite(self.suite).script_path_for(self.variant), *self.argv,
             "--run-dir", str(self.run_dir), *resume,
         ]  # fmt: skip
 

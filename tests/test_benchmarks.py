@@ -99,7 +99,9 @@ def test_every_suite_job_parses_with_its_script_flags(tmp_path):
         for budget in ("smoke", "cpu", "paper"):
             for job in sweep.expand(suite, suite.budget(budget), tmp_path):
                 # the job's own suite: bred_fig3 lists off2on_fig3's pretraining jobs
-                module = importlib.import_module(sweep.load_suite(job.suite).module)
+                module = importlib.import_module(
+                    sweep.load_suite(job.suite).module_for(job.variant)
+                )
                 argv = list(job.argv)
                 if "--offline-checkpoint" in argv:  # the path is checked when the run starts
                     at = argv.index("--offline-checkpoint")
@@ -817,40 +819,6 @@ def test_archive_keeps_finished_runs_and_restores_them_into_another_root(tmp_pat
     (big.run_dir / "checkpoint.npz").write_bytes(b"\0" * (archive.MAX_CHECKPOINT_BYTES + 1))
     assert big.key not in archive.save(suite, "cpu", root, interrupted_store, interrupted=True)
     assert not (interrupted_store / big.run_dir.relative_to(root)).exists()
-
-
-def test_dual_study_row_from_a_runs_metrics(tmp_path):
-    """benchmarks.dual_study reads lambda, the constraint and the policy movement at full
-    precision: values set by hand, the medians and shares counted by hand."""
-    from benchmarks import dual_study
-
-    run = tmp_path / "run"
-    run.mkdir()
-    eps = 1e-5
-    (run / "config.json").write_text(
-        json.dumps({"offline_steps": 100, "online_steps": 4000, "epsilon": eps})
-    )
-    rows = [{"step": 100, "online/dual": 99.0}]  # an offline row: ignored
-    for k, (dual, c, move) in enumerate(
-        [(1.0, 5e-5, 9e-5), (2.0, 4e-5, 8e-5), (3.0, 1.2e-5, 3e-5), (4.0, 0.5e-5, 1e-5)], 1
-    ):
-        rows.append({"step": 100 + 1000 * k, "online/dual": dual, "online/constraint": c,
-                     "online/policy_change": move})  # fmt: skip
-    rows += [
-        {"step": 100 + s, report.SCORE: v} for s, v in ((2000, 40.0), (3000, 20.0), (4000, 90.0))
-    ]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "summary.json").write_text(  # a finished run's (read_run_dir reads the scores)
-        json.dumps({"normalized_score_before_finetuning": 50.0,
-                    "normalized_score_after_finetuning": 90.0})
-    )  # fmt: skip
-    row = dual_study.run_row(run)
-    # second half = online steps 3000 and 4000: constraints 1.2e-5 and 0.5e-5, moves 3e-5, 1e-5
-    assert row["c / ε"] == pytest.approx((1.2 + 0.5) / 2)
-    assert row["step / ε"] == pytest.approx(2.0)
-    assert row["c ≤ ε"] == 0.5
-    assert (row["λ 10k"], row["λ end"]) == (4.0, 4.0)
-    assert (row["lowest"], row["lowest_step"], row["final"]) == (20.0, 3000, 90.0)
 
 
 def test_bench_workers_times_a_phase_from_its_second_to_last_line(tmp_path):

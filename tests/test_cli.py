@@ -40,8 +40,8 @@ def test_help_documents_every_flag(script):
 
 
 BENCHMARK_SCRIPTS = sorted(
-    path.stem
-    for path in (REPO / "benchmarks").glob("*.py")
+    path.relative_to(REPO).with_suffix("").as_posix().replace("/", ".")
+    for path in [*(REPO / "benchmarks").glob("*.py"), *(REPO / "studies").glob("*/*.py")]
     if 'if __name__ == "__main__":' in path.read_text()
 )
 
@@ -49,12 +49,13 @@ BENCHMARK_SCRIPTS = sorted(
 @pytest.mark.parametrize("module", BENCHMARK_SCRIPTS)
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules after import:RuntimeWarning")
 def test_benchmark_help_prints_usage(module, monkeypatch, capsys):
-    """`python -m benchmarks.<module> --help` prints its usage and exits 0 (argparse formats
-    every help string only here: a bare % in one once made `report --help` a traceback)."""
+    """`python -m benchmarks.<module> --help` (and each study's script) prints its usage and
+    exits 0 (argparse formats every help string only here: a bare % in one once made `report
+    --help` a traceback)."""
     import runpy
 
-    monkeypatch.setattr(sys, "argv", [f"benchmarks/{module}.py", "--help"])
+    monkeypatch.setattr(sys, "argv", [module.replace(".", "/") + ".py", "--help"])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module(f"benchmarks.{module}", run_name="__main__")
+        runpy.run_module(module, run_name="__main__")
     assert exit_info.value.code == 0
     assert "usage:" in capsys.readouterr().out

@@ -1,20 +1,27 @@
 """The studies' own code (studies/): each variant that is not a paper's method is tested here,
 beside the check that its default is the method's code."""
 
+import dataclasses
+import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import reference as ref
 import test_off2on_balanced as method_tests
+import test_td3_c as td3_tests
 
 from algorithms import off2on_balanced as o2o
+from algorithms import td3_c
 from studies.off2on_dr_output.dr_output import (
     SoftplusDensityRatio,
     density_ratio_class,
     priorities_at_one,
 )
+from studies.td3c_clip import td3_clip
+from studies.td3c_dual import dual_readings, dual_table
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -181,3 +188,159 @@ def test_cql_peer_keeps_every_transition(minari_env, tmp_path):
     np.testing.assert_array_equal(peer["term"], ours["terminals"])
     live = ours["terminals"] == 0  # d3rlpy zeroes s' after a termination (unused: 1 - d = 0)
     np.testing.assert_array_equal(peer["nxt"][live], ours["next_observations"][live])
+
+
+# --- studies/td3c_dual: four readings of TD3-C's dual update --------------------------------------
+
+
+def dual_of(reading: str, **overrides):
+    """The dual state `reading` starts from, and the study's Args."""
+    args = dual_readings.Args(dual_update=reading, **overrides)
+    actor, critic = td3_c.make_networks(args, 3)
+    with dual_readings.reading(args):
+        state = td3_c.create_state(args, actor, critic, 11, 3, jax.random.PRNGKey(0), None)
+    return state.dual, args
+
+
+def test_dual_steps_match_each_reading():
+    """The dual step of Eq. (5) for L = lambda (epsilon - c), each reading computed by hand:
+    projected Adam and projected SGD on lambda, Adam on eta with lambda = softplus(eta) + 1e-8."""
+    eps, lr = 1e-5, 0.1
+    constraints = [3e-5, 2e-5, 1e-6, 4e-5, 0.0]
+    for reading in ("adam", "sgd", "mpo"):
+        dual, _ = dual_of(reading, dual_lr=lr, init_dual=0.5)
+        assert float(dual_readings.dual_value(dual.params, reading)) == pytest.approx(0.5, rel=1e-5)
+        for c in constraints:
+            dual = dual_readings.dual_step(dual, c, eps, reading)
+        if reading == "sgd":
+            lam = 0.5
+            for c in constraints:
+                lam = max(lam - lr * (eps - c), 0.0)
+        elif reading == "adam":  # projection between the steps: replay it step by step
+            lam, m, v = 0.5, 0.0, 0.0
+            for t, c in enumerate(constraints, start=1):
+                g = eps - c
+                m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+                lam -= lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+                lam = max(lam, 0.0)
+        else:
+            eta0 = np.log(np.expm1(0.5 - 1e-8))
+            eta, m, v = eta0, 0.0, 0.0
+            for t, c in enumerate(constraints, start=1):
+                g = (1 / (1 + np.exp(-eta))) * (eps - c)  # d softplus(eta)/d eta = sigmoid(eta)
+                m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+                eta -= lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+            lam = np.logaddexp(0.0, eta) + 1e-8
+        assert float(dual_readings.dual_value(dual.params, reading)) == pytest.approx(lam, rel=1e-4)
+
+
+def test_projected_adam_dual_grows_when_violated_and_decays_to_zero_when_slack():
+    dual, _ = dual_of("adam", dual_lr=0.1)
+    eps, values = 1e-5, []
+    for _ in range(50):  # violated: the constraint is twice the trust region
+        dual = dual_readings.dual_step(dual, 2 * eps, eps, "adam")
+        values.append(float(dual.params["v"]))
+    assert all(b > a for a, b in zip(values, values[1:], strict=False)) and values[-1] > 1.0
+    for _ in range(500):  # slack: well inside the trust region
+        dual = dual_readings.dual_step(dual, 0.0, eps, "adam")
+        assert float(dual.params["v"]) >= 0.0
+    assert float(dual.params["v"]) == 0.0
+
+
+def test_dual_reading_defaults_follow_the_update():
+    """The study's defaults are the method's (sgd, mean, lr 1e3); --dual-lr's default follows
+    --dual-update (Adam's first step is lr g / (|g| + 1e-8) for the gradient g: on lambda g =
+    eps - c; mpo, on eta: g = sigmoid(eta) (eps - c), tiny at lambda ~ 1e-8)."""
+    args = dual_readings.Args()
+    assert (args.dual_update, args.constraint_reduce, args.dual_lr) == ("sgd", "mean", None)
+    for reading, lr in (("sgd", 1e3), ("adam", 1e-2), ("mpo", 1e-2), ("sgd", 7.0)):
+        explicit = lr if (reading, lr) == ("sgd", 7.0) else None
+        dual, _ = dual_of(reading, dual_lr=explicit)
+        c, eps = 3e-4, 1e-5
+        stepped = dual_readings.dual_step(dual, c, eps, reading).params
+        stepped = float(dual_readings.dual_value(stepped, reading))
+        start = float(dual_readings.dual_value(dual.params, reading))
+        if reading == "sgd":
+            assert stepped - start == pytest.approx(lr * (c - eps), rel=1e-4)
+        elif reading == "adam":
+            g = eps - c
+            assert stepped - start == pytest.approx(-lr * g / (abs(g) + 1e-8), rel=1e-4)
+        else:
+            eta0 = np.log(np.expm1(1e-8))
+            g = 1 / (1 + np.exp(-eta0)) * (eps - c)
+            expected = np.logaddexp(0.0, eta0 - lr * g / (abs(g) + 1e-8)) + 1e-8
+            assert stepped == pytest.approx(expected, rel=1e-4)
+
+
+def test_dual_readings_sgd_is_the_methods_dual():
+    """The study's sgd reading (its default) builds and steps the dual exactly as td3_c does."""
+    study, _ = dual_of("sgd", dual_lr=0.1, init_dual=0.5)
+    args = td3_c.Args(dual_lr=0.1, init_dual=0.5)
+    method = td3_c.create_state(args, *td3_c.make_networks(args, 3), 11, 3,
+                                jax.random.PRNGKey(0), None).dual  # fmt: skip
+    for c in (3e-5, 0.0, 1e-3):
+        study = dual_readings.dual_step(study, c, 1e-5, "sgd")
+        method = td3_c.dual_step(method, c, 1e-5)
+        assert float(study.params["v"]) == float(method.params["v"])
+
+
+def test_td3c_actor_loss_with_the_summed_constraint():
+    """`--constraint-reduce sum`: Eq. (4)'s distance summed over the action dimensions, checked by
+    the method's Eq. (4)-(5) test with the sum in its NumPy reference."""
+    with dual_readings.reading(dual_readings.Args(constraint_reduce="sum")):
+        td3_tests.test_td3c_actor_loss_is_eq4_eq5("sum")
+    td3_tests.test_td3c_actor_loss_is_eq4_eq5("mean")  # and the method again, unpatched
+
+
+def test_dual_table_row_from_a_runs_metrics(tmp_path):
+    """dual_table reads lambda, the constraint and the policy movement at full precision: values
+    set by hand, the medians and shares counted by hand."""
+    from benchmarks import report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    eps = 1e-5
+    (run / "config.json").write_text(
+        json.dumps({"offline_steps": 100, "online_steps": 4000, "epsilon": eps})
+    )
+    rows = [{"step": 100, "online/dual": 99.0}]  # an offline row: ignored
+    for k, (dual, c, move) in enumerate(
+        [(1.0, 5e-5, 9e-5), (2.0, 4e-5, 8e-5), (3.0, 1.2e-5, 3e-5), (4.0, 0.5e-5, 1e-5)], 1
+    ):
+        rows.append({"step": 100 + 1000 * k, "online/dual": dual, "online/constraint": c,
+                     "online/policy_change": move})  # fmt: skip
+    rows += [
+        {"step": 100 + s, report.SCORE: v} for s, v in ((2000, 40.0), (3000, 20.0), (4000, 90.0))
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text(  # a finished run's (read_run_dir reads the scores)
+        json.dumps({"normalized_score_before_finetuning": 50.0,
+                    "normalized_score_after_finetuning": 90.0})
+    )  # fmt: skip
+    row = dual_table.run_row(run)
+    # second half = online steps 3000 and 4000: constraints 1.2e-5 and 0.5e-5, moves 3e-5, 1e-5
+    assert row["c / ε"] == pytest.approx((1.2 + 0.5) / 2)
+    assert row["step / ε"] == pytest.approx(2.0)
+    assert row["c ≤ ε"] == 0.5
+    assert (row["λ 10k"], row["λ end"]) == (4.0, 4.0)
+    assert (row["lowest"], row["lowest_step"], row["final"]) == (20.0, 3000, 90.0)
+
+
+# --- studies/td3c_clip: TD3 with TD3-C's dQ/da clipping, no constraint ----------------------------
+
+
+def test_td3_clip_is_td3c_without_the_constraint():
+    """td3_clip = TD3 + TD3-C's dQ/da clipping: the same actor as td3c with a slack trust region,
+    a different one from plain td3 once dQ/da leaves [-c, c]."""
+    args, actor, critic, state, batch = td3_tests.small_td3(dqda_clip=0.01)
+    slack = dataclasses.replace(args, epsilon=1e9)
+    key = jax.random.PRNGKey(3)
+    with td3_clip.clipping_td3():
+        a, _ = td3_c.make_update(args, actor, critic, "td3_clip")(state, batch, key)
+        b, _ = td3_c.make_update(slack, actor, critic, "td3c")(state, batch, key)
+        c, _ = td3_c.make_update(args, actor, critic, "td3")(state, batch, key)
+    ref.assert_tree_close(ref.np_tree(a.actor.params), ref.np_tree(b.actor.params), rtol=1e-6)
+    kernel = lambda s: np.asarray(s.actor.params["params"]["Dense_0"]["kernel"])  # noqa: E731
+    assert not np.allclose(kernel(a), kernel(c))
+    # outside the study, the method has no td3_clip mode: it would run as plain td3
+    assert not td3_c.clips_dqda("td3_clip") and td3_c.clips_dqda("td3c")
