@@ -344,3 +344,20 @@ def test_td3_clip_is_td3c_without_the_constraint():
     assert not np.allclose(kernel(a), kernel(c))
     # outside the study, the method has no td3_clip mode: it would run as plain td3
     assert not td3_c.clips_dqda("td3_clip") and td3_c.clips_dqda("td3c")
+
+
+def test_cql_update_equals_d3rlpys_on_the_same_batch():
+    """Our CQL update's losses and gradients equal d3rlpy's (an independent implementation, in
+    .venv-peer) on the same batch, parameters and noise: the Bellman and conservative losses,
+    the actor loss, every critic and actor gradient tensor, and the temperature gradient (d3rlpy's
+    is alpha times ours: it differentiates alpha, we log alpha)."""
+    from studies.cql_peer import same_batch
+
+    if not same_batch.PEER_PYTHON.exists():
+        pytest.skip("no .venv-peer (studies/cql_peer/README.md)")
+    rows, extra = same_batch.compare()
+    assert len(rows) == 7
+    for row in rows:
+        assert row["error"] <= same_batch.RTOL, row
+    # the comparison sees the next action: a sampled one (ours by default) changes the loss
+    assert abs(extra["bellman_loss_sampled_backup"] - extra["bellman_loss_mean_backup"]) > 1e-3
