@@ -383,37 +383,24 @@ PROGRESS_CHUNK = 100  # offline CQL steps per compiled call (the progress bar's 
 
 
 def pretrain_cql_ensemble(args, members, key, offline, cql_update, run, eval_fn, start):
-    """The offline phase: CQL steps [start, args.offline_steps) in compiled chunks of up to
-    PROGRESS_CHUNK steps; logs the `offline/*` means of every `log_every` steps to `run`,
-    evaluates with `eval_fn(actor_params, seed) -> EvalResult` every `offline_eval_every` steps,
-    checkpoints (members, key) every `checkpoint_every` steps with progress {"phase":
-    "offline", "offline_step"}, and honours --stop-after."""
-    # The scan runs in pieces of at most PROGRESS_CHUNK steps so that the bar moves (and shows
-    # an ETA) within seconds even for N=5 on a CPU (~7 steps/s); the logged metrics are still
-    # the mean over each `log_every` window, and the updates are the same as in one scan.
+    """The offline phase: CQL steps [start, args.offline_steps) through `run.train_offline` (its
+    logs, evaluations of `eval_fn(actor_params, seed) -> EvalResult` and checkpoints of (members,
+    key)), in compiled chunks of up to PROGRESS_CHUNK steps so that the bar moves (and shows an
+    ETA) within seconds even for N=5 on a CPU (~7 steps/s); the logged metrics are still the mean
+    over each `log_every` window, and the updates are the same as in one scan."""
     chunk = math.gcd(args.log_every, PROGRESS_CHUNK)
     offline_chunk = make_offline_chunk(args, cql_update, chunk)
-    bar = lifecycle.progress_bar(
-        None, total=args.offline_steps, initial=start, desc="offline CQL", unit="step"
-    )
-    window = []
-    for step in range(start, args.offline_steps, chunk):
+
+    def run_chunk(carry, step):
+        members, key = carry
         members, key, metrics = offline_chunk(members, offline, key, jnp.int32(step))
-        jax.block_until_ready(metrics)  # count steps done, not dispatched (JAX runs ahead)
-        step += chunk
-        bar.update(chunk)
-        window.append(metrics)
-        if step % args.log_every and step != args.offline_steps:
-            continue
-        window_mean = {k: v.mean() for k, v in lifecycle.stack_metrics(window).items()}
-        run.logger.log(step, window_mean, prefix="offline/")
-        window = []
-        if step % args.offline_eval_every == 0 or step == args.offline_steps:
-            run.log_eval(step, eval_fn(members.actor.params, args.seed + step), bar)
-        if step % args.checkpoint_every == 0 or step == args.offline_steps:
-            progress = {"phase": "offline", "offline_step": step}
-            run.save((members, key), progress, step, args.stop_after, "offline step")
-    return members, key
+        return (members, key), metrics
+
+    return run.train_offline(
+        args, (members, key), run_chunk,
+        lambda carry, step: eval_fn(carry[0].actor.params, args.seed + step),
+        start, chunk=chunk, desc="offline CQL",
+    )  # fmt: skip
 
 
 # The metadata `kind` of an exported ensemble (benchmarks/export_pretrained.py).

@@ -452,21 +452,11 @@ def main(args: Args) -> dict:
             state, metrics = jax.lax.scan(body, state, None, length=args.log_every)
             return state, mean_over_steps(metrics)
 
-        bar = lifecycle.progress_bar(
-            range(progress["offline_step"], args.offline_steps, args.log_every),
-            desc="offline TD3-BC", unit_scale=args.log_every,
-            initial=progress["offline_step"] // args.log_every,
-            total=args.offline_steps // args.log_every,
+        state = run.train_offline(
+            args, state, lambda s, _: offline_chunk(s, offline),
+            lambda s, step: eval_metrics(s.actor.params, args.seed + step),
+            progress["offline_step"], desc="offline TD3-BC",
         )  # fmt: skip
-        for step in bar:
-            state, metrics = offline_chunk(state, offline)
-            step += args.log_every
-            run.logger.log(step, metrics, prefix="offline/")
-            if step % args.offline_eval_every == 0 or step == args.offline_steps:
-                run.log_eval(step, eval_metrics(state.actor.params, args.seed + step), bar)
-            if step % args.checkpoint_every == 0 or step == args.offline_steps:
-                progress = {"phase": "offline", "offline_step": step}
-                run.save(state, progress, step, args.stop_after, "offline step")
         save_checkpoint(run.offline_path, agent(state), agent_metadata)
     if not run.offline_done:
         progress = {"phase": "online", "env_steps": 0}

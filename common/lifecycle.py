@@ -5,6 +5,7 @@ bookkeeping around them:
     check_args(args)                            # every flag, path and --resume, before anything
     run = open_run(args, "td3_c")               # run directory, resumed progress, logger
     if run.offline_done: ...load run.offline_path...   else: ...offline phase...
+    state = run.train_offline(args, state, chunk_fn, eval_fn, start)  # its loop, logs, checkpoints
     run.log_eval(step, evaluate(...), bar)      # eval/* logged, the score on the progress bar
     run.save(state, progress, step, args.stop_after, "offline step")  # checkpoint, --stop-after
     run.finish(args, before, after, ...)        # final eval, summary.json, logger closed
@@ -24,6 +25,7 @@ import signal
 import sys
 import threading
 
+import jax
 import jax.numpy as jnp
 import tyro
 from tqdm import tqdm
@@ -156,6 +158,39 @@ class Run:
         note_checkpoint(self.checkpoint_path, f"{label} {step}")
         if stop_after == step:
             raise SystemExit(f"stopped after {label} {step} (--stop-after)")
+
+    def train_offline(self, args, state, chunk_fn, eval_fn, start: int, chunk: int | None = None,
+                      checkpoint_of=None, desc: str = "offline"):  # fmt: skip
+        """The offline phase's loop: steps [start, args.offline_steps) in compiled chunks of
+        `chunk` steps (default `log_every`; a divisor of it), `chunk_fn(state, step) -> (state,
+        metrics)` running the chunk that starts at `step` and returning its means. Logs the mean
+        of every `log_every` steps as offline/*, evaluates `eval_fn(state, step)` (an EvalResult)
+        every `offline_eval_every` steps and checkpoints `checkpoint_of(state)` (default the
+        state) every `checkpoint_every` steps with progress {"phase": "offline", "offline_step"}
+        (--stop-after honoured); the bar counts steps, so its ETA holds from the first chunk.
+        Returns the state."""
+        chunk = chunk or args.log_every
+        checkpoint_of = checkpoint_of or (lambda s: s)
+        bar = progress_bar(None, total=args.offline_steps, initial=start, desc=desc, unit="step")
+        window = []
+        for step in range(start, args.offline_steps, chunk):
+            state, metrics = chunk_fn(state, step)
+            jax.block_until_ready(metrics)  # count steps done, not dispatched (JAX runs ahead)
+            step += chunk
+            bar.update(chunk)
+            window.append(metrics)
+            if step % args.log_every and step != args.offline_steps:
+                continue
+            window_mean = {k: v.mean() for k, v in stack_metrics(window).items()}
+            self.logger.log(step, window_mean, prefix="offline/")
+            window = []
+            if step % args.offline_eval_every == 0 or step == args.offline_steps:
+                self.log_eval(step, eval_fn(state, step), bar)
+            if step % args.checkpoint_every == 0 or step == args.offline_steps:
+                progress = {"phase": "offline", "offline_step": step}
+                self.save(checkpoint_of(state), progress, step, args.stop_after, "offline step")
+        bar.close()
+        return state
 
     def finish(self, args, before, after, **fields) -> dict:
         """The final evaluation logged, summary.json written, the logger closed."""
