@@ -361,3 +361,15 @@ def test_cql_update_equals_d3rlpys_on_the_same_batch():
         assert row["error"] <= same_batch.RTOL, row
     # the comparison sees the next action: a sampled one (ours by default) changes the loss
     assert abs(extra["bellman_loss_sampled_backup"] - extra["bellman_loss_mean_backup"]) > 1e-3
+
+
+def test_cql_peer_pins_its_dataset(tmp_path):
+    """The first run records the dataset's checksum; a dataset with other bytes (generated on
+    another machine) is refused with one line, the same one goes on."""
+    from studies.cql_peer import run as cql_peer
+
+    cql_peer.pin_dataset(tmp_path, "a" * 64)
+    assert json.loads((tmp_path / "dataset.json").read_text())["transitions_sha256"] == "a" * 64
+    cql_peer.pin_dataset(tmp_path, "a" * 64)  # the same bytes: nothing to say
+    with pytest.raises(SystemExit, match="generated elsewhere"):
+        cql_peer.pin_dataset(tmp_path, "b" * 64)

@@ -14,6 +14,7 @@ started again (the same command), so the study survives interruptions; a finishe
 
 import argparse
 import dataclasses
+import json
 import pathlib
 import subprocess
 import sys
@@ -93,6 +94,33 @@ def state(run_dir: pathlib.Path) -> str:
     return "to do"
 
 
+def pin_dataset(root: pathlib.Path, checksum: str) -> None:
+    """Every run of the study trains on the same bytes: the first call records the dataset's
+    transitions sha256 in `root/dataset.json`; a later one on other bytes (the dataset generated
+    again on another machine: the same recipe, other floating point) stops with one line."""
+    record = root / "dataset.json"
+    if record.exists():
+        pinned = json.loads(record.read_text())["transitions_sha256"]
+        if pinned != checksum:
+            raise SystemExit(
+                f"error: {root} holds runs on {ENV} with transitions sha256 {pinned[:12]}..., the "
+                f"dataset here has {checksum[:12]}... (generated elsewhere); restore that dataset "
+                "or pass a new --root"
+            )
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"env": ENV, "transitions_sha256": checksum}) + "\n")
+    tmp.replace(record)
+
+
+def dataset_checksum() -> str:
+    """The sha256 of the dataset's transitions (generated here first if missing)."""
+    from common.datasets import load_d4rl, transitions_checksum
+
+    return transitions_checksum(load_d4rl(ENV).transitions)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="runs/cql_peer", help="where the runs go")
@@ -131,6 +159,8 @@ def main(argv=None):
                 f"--peer-python {args.peer_python} does not exist; create the d3rlpy environment "
                 "(studies/cql_peer/peer_cql.py's docstring) or pass --only ours"
             )
+    if any(state(root / arm.name / f"seed{seed}") != "done" for arm, seed in todo):
+        pin_dataset(root, dataset_checksum())
     for index, (arm, seed) in enumerate(todo, 1):
         run_dir = root / arm.name / f"seed{seed}"
         if state(run_dir) == "done":
