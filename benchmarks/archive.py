@@ -3,16 +3,18 @@
     python -m benchmarks.archive save td3c_dual --budget cpu      # runs/bench -> benchmarks/logs
     python -m benchmarks.archive restore td3c_dual --budget cpu   # benchmarks/logs -> runs/bench
 
-`runs/` is git-ignored and a session's machine is not always handed to the next one, so a
-sweep that spans sessions would lose its finished runs with the machine. `save` copies each
-*finished* job (its `summary.json` written) of the suite's budget into `benchmarks/logs/` with
-the same layout as the runs root (`<suite>/<budget>/<dataset>/seed<k>/<variant>/`): the text
-files the report reads (`config.json`, `metrics.jsonl`, `summary.json`, `job.json`, small) and,
-for a pretraining job, the `offline.npz` that the fine-tuning jobs load (parameters and optimizer
-state of one agent: 3.3 MB for TD3-BC). Checkpoints of unfinished runs and tensorboard events are
-not kept. `restore` copies them back under `--root`, where `benchmarks.run` then counts them as
-finished and runs only what is left. The report reads either tree:
-`python -m benchmarks.report SUITE --budget B --root benchmarks/logs`.
+`runs/` is git-ignored and a session's machine is not always handed to the next one, so a sweep that
+spans sessions would lose its finished runs with the machine. `save` copies each *finished* job (its
+`summary.json` written) of the suite's budget into `benchmarks/logs/` with the same layout as the
+runs root (`<suite>/<budget>/<dataset>/seed<k>/<variant>/`): the text files the report reads
+(`config.json`, `metrics.jsonl`, `summary.json`, `job.json`, small) and, for a pretraining job, the
+`offline.npz` that the fine-tuning jobs load (parameters and optimizer state of one agent: 3.3 MB
+for TD3-BC) while a fine-tuning job of this suite or of one that takes its pretraining from it
+(`pretraining_from`) is not finished: once all are, nothing loads it again and the binary stays out
+of the repository (an agent for users goes to `pretrained/`). Checkpoints of unfinished runs and
+tensorboard events are not kept. `restore` copies them back under `--root`, where `benchmarks.run`
+then counts them as finished and runs only what is left. The report reads either tree: `python -m
+benchmarks.report SUITE --budget B --root benchmarks/logs`.
 
 With `save --interrupted`, a job that is not finished but has a checkpoint of at most 16 MB is
 kept too (its config, metrics, job record, latest `checkpoint.npz` and any `offline.npz`: a
@@ -73,6 +75,20 @@ def _job_record(text: str, replacements: list[tuple[str, str]]) -> str:
     return json.dumps(record, indent=2) + "\n"
 
 
+def dependent_jobs(suite_name: str, budget_name: str, root: pathlib.Path) -> list:
+    """The jobs of the suites that take their pretraining from `suite_name` (bred_fig3 from
+    off2on_fig3): they fine-tune from its pretraining jobs' offline.npz too."""
+    from benchmarks.sweep import known_suites
+
+    others = [load_suite(name) for name in known_suites() if name != suite_name]
+    return [
+        job
+        for other in others
+        if other.pretraining_from == suite_name
+        for job in expand(other, other.budget(budget_name), root)
+    ]
+
+
 def save(
     suite_name: str,
     budget_name: str,
@@ -84,8 +100,10 @@ def save(
     `root` into `archive`; returns their keys."""
     root, archive = root.resolve(), archive.resolve()  # job.json holds the runner's absolute paths
     suite = load_suite(suite_name)
-    saved = []
-    for job in expand(suite, suite.budget(budget_name), root):
+    saved, jobs = [], expand(suite, suite.budget(budget_name), root)
+    waiting = {j.after for j in jobs + dependent_jobs(suite_name, budget_name, root)
+               if j.after and status(j) != "finished"}  # fmt: skip
+    for job in jobs:
         state = status(job)
         if state == "new" or (state == "interrupted" and not interrupted):
             continue
@@ -101,6 +119,8 @@ def save(
         portable = [(str(root), ROOT_TOKEN), (str(REPO), REPO_TOKEN)]
         for name in kept_files(job, state):
             src = job.run_dir / name
+            if name in KEPT_PRETRAIN and state == "finished" and job.uid not in waiting:
+                continue  # no unfinished job fine-tunes from it
             if name == "job.json" and src.exists():
                 atomic_write_text(target / name, _job_record(src.read_text(), portable))
             elif src.exists():

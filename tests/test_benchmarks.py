@@ -1102,3 +1102,28 @@ def test_report_names_the_command_that_remakes_it_byte_for_byte(tmp_path, monkey
     remade = [note if word == "NOTE" else word for word in shlex.split(command)]
     assert report.main(remade) == 0
     assert {name: (out / name).read_bytes() for name in made} == made
+
+
+def test_archive_drops_an_offline_agent_nothing_will_load(tmp_path):
+    """A finished pretraining's offline.npz is archived while a fine-tuning job (of its suite, or
+    of a suite that takes its pretraining from it) is unfinished, and not once all are finished."""
+    from benchmarks import archive
+
+    suite, root = "td3c_dual", tmp_path / "a"
+    jobs = sweep.expand(sweep.load_suite(suite), sweep.load_suite(suite).budget("cpu"), root)
+    assert jobs[0].variant == "pretrain" and all(j.after == jobs[0].uid for j in jobs[1:])
+    for job in jobs[:-1]:
+        _fake_run(job.run_dir, [(500, 60.0), (1000, 70.0)], [(500, 1.0)])
+    (jobs[0].run_dir / "offline.npz").write_bytes(b"agent")
+    kept = tmp_path / "logs" / jobs[0].run_dir.relative_to(root) / "offline.npz"
+    archive.save(suite, "cpu", root, tmp_path / "logs")
+    assert kept.read_bytes() == b"agent"  # jobs[-1] will still load it
+    _fake_run(jobs[-1].run_dir, [(500, 60.0), (1000, 70.0)], [(500, 1.0)])
+    archive.save(suite, "cpu", root, tmp_path / "logs2")
+    assert not (tmp_path / "logs2" / kept.relative_to(tmp_path / "logs")).exists()
+    assert (tmp_path / "logs2" / jobs[0].run_dir.relative_to(root) / "summary.json").exists()
+    # bred_fig3 fine-tunes from off2on_fig3's pretraining: its unfinished jobs keep the agent
+    waiting = archive.dependent_jobs("off2on_fig3", "paper", root)
+    finetuning = [j for j in waiting if j.variant != "pretrain"]
+    assert finetuning and all(j.suite == "bred_fig3" for j in finetuning)
+    assert all(j.after.startswith("off2on_fig3/") for j in finetuning)
