@@ -788,7 +788,7 @@ def main(args: Args) -> dict:
     after = eval_metrics(online.actor.params, args.seed + 2 * 10**6)
     return run.finish(
         args, before, after, dataset=data.info.minari_id, finetune=args.finetune,
-        offline_algo=args.offline_algo,
+        offline_algo=args.offline_algo, dataset_sha256=data.info.transitions_sha256,
     )  # fmt: skip
 
 

@@ -839,7 +839,7 @@ def main(args: Args) -> dict:
         progress = {"phase": "online", "env_steps": 0}
 
     # ---------------------------------------------------------------- distillation
-    summary = {"dataset": data.info.minari_id}  # summary.json (finish_run adds env and scores)
+    summary = {"dataset": data.info.minari_id, "dataset_sha256": data.info.transitions_sha256}
     if independent:
         policy_params = members.actor.params
         before = eval_policy(policy_params, args.seed + 10**6)

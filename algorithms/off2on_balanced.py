@@ -899,7 +899,10 @@ def main(args: Args) -> dict:
 
     bar.close()
     after = eval_metrics(state.actor.params, seed=args.seed + 2 * 10**6)
-    return run.finish(args, before, after, dataset=data.info.minari_id)
+    return run.finish(
+        args, before, after, dataset=data.info.minari_id,
+        dataset_sha256=data.info.transitions_sha256,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -517,7 +517,10 @@ def main(args: Args) -> dict:
             run.save(state, progress, global_step, args.stop_after)
 
     after = eval_metrics(state.actor.params, args.seed + 2 * 10**6)
-    return run.finish(args, before, after, dataset=data.info.minari_id, finetune=args.finetune)
+    return run.finish(
+        args, before, after, dataset=data.info.minari_id, finetune=args.finetune,
+        dataset_sha256=data.info.transitions_sha256,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

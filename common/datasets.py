@@ -126,6 +126,9 @@ class DatasetInfo:
     behaviour_return: float  # from the dataset's metadata if recorded, else mean episode return
     ref_min_score: float
     ref_max_score: float
+    # sha256 of the transitions' float32 bytes (`transitions_checksum`): a dataset generated on
+    # another machine follows the same recipe but need not be the same bytes; runs record it
+    transitions_sha256: str
 
     def describe(self) -> str:
         return (
@@ -200,6 +203,7 @@ def load_d4rl(
         behaviour_return=float(metadata.get("behaviour_return", returns.mean())),
         ref_min_score=ref_min,
         ref_max_score=ref_max,
+        transitions_sha256=transitions_checksum({k: arrays[k] for k in TRANSITION_KEYS}),
     )
     if verbose:
         print(info.describe())
