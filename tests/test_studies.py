@@ -92,7 +92,8 @@ def our_args_of(arm_name, budget=None):
 
     from studies.cql_peer import run as cql_peer
 
-    budget = budget or {"steps": 200_000, "eval_every": 20_000, "eval_episodes": 10}
+    budget = budget or {"steps": 200_000, "eval_every": 20_000, "eval_episodes": 10,
+                        "checkpoint_every": 5_000}  # fmt: skip
     argv = cql_peer.command(study_arm(arm_name), 0, REPO / "runs/x", "peer-python", budget)
     assert argv[1] == "algorithms/off2on_balanced.py"
     return tyro.cli(o2o.Args, args=argv[2:])
@@ -373,3 +374,25 @@ def test_cql_peer_pins_its_dataset(tmp_path):
     cql_peer.pin_dataset(tmp_path, "a" * 64)  # the same bytes: nothing to say
     with pytest.raises(SystemExit, match="generated elsewhere"):
         cql_peer.pin_dataset(tmp_path, "b" * 64)
+
+
+def test_cql_peer_tiny_study_runs_both_codes_end_to_end(minari_env, tmp_path):
+    """Both arms of the comparison at a seconds-long budget: each writes its summary, evaluates
+    at the same steps on the same episode seeds, and checkpoints (the d3rlpy arm's evaluation
+    once failed only there, on a gymnasium import its environment lacked)."""
+    import json as json_
+
+    from studies.cql_peer import run as cql_peer
+    from studies.cql_peer import same_batch
+
+    if not same_batch.PEER_PYTHON.exists():
+        pytest.skip("no .venv-peer (studies/cql_peer/README.md)")
+    assert cql_peer.main(["--tiny", "--root", str(tmp_path), "--arms", "ours", "d3rlpy",
+                          "--seeds", "0"]) == 0  # fmt: skip
+    steps = {}
+    for arm, checkpoint in (("ours", "offline.npz"), ("d3rlpy", "checkpoint.pt")):
+        run_dir = tmp_path / arm / "seed0"
+        assert (run_dir / "summary.json").exists() and (run_dir / checkpoint).exists()
+        rows = [json_.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        steps[arm] = {r["step"] for r in rows if "eval/normalized_score" in r}
+    assert steps["ours"] == steps["d3rlpy"] == {100, 200}  # ours adds its final one at 200

@@ -4,7 +4,7 @@ CQL comparison, studies/cql_peer/README.md).
 Runs in its own environment (torch and d3rlpy are not project dependencies):
 
     python3 -m venv .venv-peer
-    .venv-peer/bin/pip install torch==2.13.0 d3rlpy==2.8.1 minari pillow tqdm
+    .venv-peer/bin/pip install torch==2.13.0 d3rlpy==2.8.1 minari pillow imageio tqdm
     .venv-peer/bin/pip install gymnasium==1.4.0 mujoco==4.0.0   # d3rlpy pins gymnasium 1.0.0
     .venv-peer/bin/python -m studies.cql_peer.peer_cql --env hopper-medium-v2 --seed 0 \
         --hparams authors --run-dir runs/cql_peer/peer_authors/seed0
@@ -48,6 +48,10 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=20_000)
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--log-every", type=int, default=1_000, help="steps per metrics line")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=None,
+        help="steps between checkpoints (default --eval-every); does not change the results",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--hidden-dims", type=int, nargs="+", default=[256, 256])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -56,8 +60,10 @@ def parse_args(argv=None):
     for name in ("steps", "eval_every", "eval_episodes", "log_every", "batch_size", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.eval_every % args.log_every:
-        parser.error("--eval-every must be a multiple of --log-every (checkpoints follow evals)")
+    args.checkpoint_every = args.checkpoint_every or args.eval_every
+    for name in ("eval_every", "checkpoint_every"):
+        if getattr(args, name) % args.log_every:
+            parser.error(f"--{name.replace('_', '-')} must be a multiple of --log-every")
     return args
 
 
@@ -152,7 +158,8 @@ def main(argv=None):
     config.pop("run_dir")
     if config_path.exists():
         saved = json.loads(config_path.read_text())
-        changed = sorted(k for k in config if saved.get(k) != config[k] and k != "threads")
+        free = ("threads", "checkpoint_every")  # neither changes the results
+        changed = sorted(k for k in config if saved.get(k) != config[k] and k not in free)
         if changed:
             raise SystemExit(
                 f"error: {run_dir} was started with other settings ({', '.join(changed)}); "
@@ -209,6 +216,7 @@ def main(argv=None):
             result = evaluate(env_name, act, args.eval_episodes, args.seed + step)
             log(step, {f"eval/{k}": v for k, v in result.metrics().items()})
             bar.set_postfix(score=f"{result.mean_normalized:.1f}")
+        if step % args.checkpoint_every == 0 or step == args.steps:
             model = io.BytesIO()
             cql.impl.save_model(model)  # d3rlpy's checkpointer: networks and optimizers
             state = {
